@@ -1,0 +1,268 @@
+"""The engine: loads a preset once, keeps its models resident, and runs requests stage by stage.
+
+refine -> encode text -> encode references -> sample -> decode -> save, reporting typed events on the way. The UI,
+the batch CLI and the API all go through `Engine.run`, so they behave the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipelines.components import Components, load_components, pick_device
+from pipelines.memory import (MemoryStats, ParamStats, PeakRSSSampler, count_params, free_memory, read_memory_stats,
+                              reset_peak)
+from pipelines.options import GenerationOptions, ResolvedOptions, resolve_options, with_seed
+from pipelines.presets import ModelPreset, get_preset
+from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
+from pipelines.sampling import DenoiseCounter, GenerationStopped, GuidanceOptions, StepInfo
+from pipelines.saving import SavedResult, save_result
+from pipelines.stages import (decode_video, encode_references, encode_text, fit_preview_projection, latent_shape,
+                              load_reference_pixels, preview_strip, sample, stitch_extension)
+from pipelines.text import build_prompt
+
+log = logging.getLogger(__name__)
+STAGES = ("refine", "encode_text", "encode_references", "sample", "decode", "save")
+# Which models each stage needs on the GPU when offloading: policy as data, not scattered .to() calls.
+OFFLOAD_PLAN = {"encode_text": ("text_encoder",), "encode_references": ("vae",), "sample": ("mmdit",),
+                "decode": ("vae",)}
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    stage: str
+    message: str
+    kind: str = "stage"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    step: int  # steps done
+    total: int
+    elapsed_s: float
+    eta_s: float
+    kind: str = "progress"
+
+
+@dataclass(frozen=True)
+class PreviewEvent:
+    image: object  # numpy uint8 (H, W, 3): a strip of predicted clean frames
+    step: int
+    kind: str = "preview"
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    video_path: Path
+    recipe_path: Path
+    recipe: dict
+    seed: int
+    warnings: tuple[str, ...] = ()
+    kind: str = "result"
+
+
+EventCallback = Callable[[object], None]
+
+
+@dataclass
+class RunState:
+    """What the engine is doing now (read by the memory panel from another thread)."""
+
+    stage: str = "idle"
+    last_peak_bytes: int | None = None
+    runs: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, preset: ModelPreset | str | None = None, *, device: str | None = None, offload: bool = False,
+                 output_dir: str | Path = "outputs", llm: LLMConfig | None = None, preview_every: int = 2):
+        self.preset = get_preset(preset) if isinstance(preset, str) or preset is None else preset
+        if preset is None:
+            self.preset = get_preset("shapes-default")
+        self.device = pick_device(device)
+        self.offload = offload and self.device.type == "cuda"
+        self.output_dir = Path(output_dir)
+        self.llm = llm or LLMConfig.from_env()
+        self.preview_every = preview_every
+        self.state = RunState()
+        self._components: Components | None = None
+        self._projection = None
+        self._lock = threading.Lock()  # one run at a time per engine (one engine per device)
+
+    # ---- models --------------------------------------------------------------------------------------------------
+    @property
+    def components(self) -> Components:
+        if self._components is None:
+            home = torch.device("cpu") if self.offload else self.device
+            dtype = torch.bfloat16 if self.device.type == "cuda" and self.preset.official else torch.float32
+            self._components = load_components(self.preset, home, dtype)
+        return self._components
+
+    def load(self) -> "Engine":
+        _ = self.components
+        return self
+
+    def unload(self) -> None:
+        """Drop the models and free their memory; the next run loads them again."""
+        self._components, self._projection = None, None
+        free_memory(self.device)
+
+    def param_stats(self) -> list[ParamStats]:
+        if self._components is None:
+            return []
+        c = self._components
+        return [count_params(name, module, c.checkpoints.get(name)) for name, module in c.modules().items()]
+
+    def memory_stats(self) -> MemoryStats:
+        return read_memory_stats(self.device)
+
+    def _place(self, stage: str) -> None:
+        if not self.offload:
+            return
+        wanted = OFFLOAD_PLAN.get(stage, ())
+        for name, module in self.components.modules().items():
+            module.to(self.device if name in wanted else "cpu")
+        free_memory(self.device)
+
+    # ---- one request ---------------------------------------------------------------------------------------------
+    def check(self, options: GenerationOptions) -> ResolvedOptions:
+        """Validate without running (what the UI calls before queueing)."""
+        return resolve_options(options, self.preset)
+
+    def run(self, options: GenerationOptions, on_event: EventCallback | None = None,
+            should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+        emit = on_event or (lambda event: None)
+        opts = self.check(options)
+        seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
+        opts = with_seed(opts, seed)
+        with self._lock:
+            reset_peak(self.device)
+            try:
+                with PeakRSSSampler(device=self.device) as peak:
+                    result = self._run(opts, emit, should_stop or (lambda: False), peak)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise MemoryError("out of GPU memory: try fewer frames, a smaller resolution, or --offload") from exc
+            finally:
+                self.state.stage = "idle"
+                free_memory(self.device)
+        emit(result)
+        return result
+
+    def _stage(self, name: str, message: str, emit: EventCallback, stop) -> None:
+        if stop():
+            raise GenerationStopped(f"stopped before {name}")
+        self.state.stage = name
+        self._place(name)
+        emit(StageEvent(name, message))
+
+    def _run(self, opts: ResolvedOptions, emit, stop, peak) -> GenerationResult:
+        timings, warnings, t0 = {}, [], time.perf_counter()
+        c = self.components
+        mark = time.perf_counter()
+
+        prompt = opts.prompt
+        refined = None
+        if opts.refine:
+            self._stage("refine", "Refining the prompt with the LLM", emit, stop)
+            kind = "t2v" if opts.cond_type == "t2v" else ("i2v" if opts.cond_type.startswith("i2v") else "t2v")
+            refs = opts.references[:1] if kind == "i2v" else ()
+            outcome = refine_prompt(prompt, kind, self.llm, image_path=refs[0] if refs else None)
+            if outcome.ok:
+                prompt = refined = outcome.refined
+            else:
+                warnings.append(f"prompt refinement failed, the original prompt was used: {outcome.error}")
+        motion = opts.motion_score
+        if motion == "dynamic":
+            score, error = ask_motion_score(prompt, self.llm)
+            motion = score if score is not None else self.preset.sampling.motion_score
+            if error:
+                warnings.append(f"automatic motion score failed ({error}); used {motion}")
+        final_prompt = build_prompt(prompt, opts.fps, motion)
+        timings["refine"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        self._stage("encode_text", "Encoding the prompt", emit, stop)
+        tokens = c.text_encoder.count_tokens(final_prompt)
+        if tokens > c.text_encoder.max_length:
+            warnings.append(f"the prompt has {tokens} tokens; the text encoder reads the first "
+                            f"{c.text_encoder.max_length}")
+        text, negative = encode_text(c.text_encoder, final_prompt, opts.negative_prompt)
+        timings["encode_text"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        self._stage("encode_references", "Encoding the references", emit, stop)
+        pixels = load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
+        dev = text.txt.device
+        refs = encode_references(c.vae, pixels, dev, c.dtype)
+        timings["encode_references"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        self._stage("sample", f"Sampling 0/{opts.num_steps}", emit, stop)
+        latent = latent_shape(c.vae, opts.num_frames, opts.height, opts.width)
+        counter = DenoiseCounter()
+        callback = self._progress_callback(emit, latent, mark)
+        guidance = GuidanceOptions(num_steps=opts.num_steps, guidance=opts.guidance, guidance_img=opts.guidance_img,
+                                   text_osci=opts.text_osci, image_osci=opts.image_osci,
+                                   scale_temporal_osci=opts.scale_temporal_osci, shift=opts.shift,
+                                   flow_shift=opts.flow_shift)
+        with torch.inference_mode():
+            z = sample(c.mmdit, text, negative, refs, opts.cond_type, latent, opts.seed, guidance, callback=callback,
+                       should_stop=stop, counter=counter)
+        timings["sample"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        self._stage("decode", "Decoding frames", emit, stop)
+        video = stitch_extension(opts.cond_type, decode_video(c.vae, z, opts.num_frames), pixels)
+        timings["decode"] = time.perf_counter() - mark
+
+        self._stage("save", "Saving the video", emit, stop)
+        mark = time.perf_counter()
+        timings["total"] = time.perf_counter() - t0
+        recipe = self._recipe(opts, refined, final_prompt, motion, counter, timings, peak, warnings, video)
+        saved: SavedResult = save_result(video, self.output_dir, recipe, opts.fps, opts.mode, opts.seed, opts.name)
+        self.state.last_peak_bytes = peak.peak_device_bytes or peak.peak_rss_bytes
+        self.state.runs += 1
+        return GenerationResult(saved.video_path, saved.recipe_path, recipe, opts.seed, tuple(warnings))
+
+    def _progress_callback(self, emit, latent, start: float):
+        projection = None
+
+        def callback(step: StepInfo) -> None:
+            nonlocal projection
+            done = step.index + 1
+            elapsed = time.perf_counter() - start
+            emit(ProgressEvent(done, step.num_steps, elapsed, elapsed / done * (step.num_steps - done)))
+            if self.preview_every and (done % self.preview_every == 0 or done == step.num_steps):
+                if self._projection is None:
+                    c = self.components
+                    self._projection = fit_preview_projection(c.vae, step.x0.device, c.dtype)
+                projection = self._projection
+                emit(PreviewEvent(preview_strip(step.x0, projection, latent, self.components.mmdit.config.patch_size),
+                                  done))
+        return callback
+
+    def _recipe(self, opts, refined, final_prompt, motion, counter, timings, peak, warnings, video) -> dict:
+        c = self.components
+        return {
+            "preset": self.preset.name, "preset_trained": self.preset.trained, "checkpoints": c.checkpoints,
+            "mode": opts.mode, "cond_type": opts.cond_type,
+            "prompt": {"original": opts.prompt, "refined": refined, "final": final_prompt,
+                       "negative": opts.negative_prompt},
+            "options": {**opts.to_dict(), "motion_score": motion}, "seed": opts.seed,
+            "output": {"frames": int(video.shape[1]), "height": int(video.shape[2]), "width": int(video.shape[3]),
+                       "fps": opts.fps},
+            "sampler": {"forwards": counter.forwards, "branch_evaluations": counter.branch_evals},
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "peak_memory_bytes": peak.peak_device_bytes or peak.peak_rss_bytes,
+            "device": str(self.device), "warnings": warnings,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "studio": "0.1.0"},
+        }

@@ -1,0 +1,142 @@
+"""The named stages of one generation, as free functions: encode_text, load/encode references, sample, decode.
+
+Each takes models and tensors and returns tensors; the engine calls them in order and reports progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from pipelines.conditions import ReferenceLatents, prepare_inference_condition, reference_spec
+from pipelines.media import MediaError, probe_video, read_image, read_video, resize_crop
+from pipelines.models.text_encoders import TextEncoder
+from pipelines.sampling import (DenoiseCounter, GuidanceOptions, TextEmbeds, denoise, get_noise, get_schedule, pack,
+                                prepare_img_ids, unpack)
+
+
+@dataclass(frozen=True)
+class ReferencePixels:
+    """Reference media resized to the output size, in [-1, 1]: head / tail are (3, k, H, W); clip is the full clip."""
+
+    head: Tensor | None = None
+    tail: Tensor | None = None
+    clip: Tensor | None = None  # extension: the whole clip at output size, stitched to the new frames
+    source_fps: float | None = None
+
+
+def encode_text(encoder: TextEncoder, prompt: str, negative: str) -> tuple[TextEmbeds, TextEmbeds]:
+    txt, _, y_vec = encoder([prompt, negative])
+    return TextEmbeds(txt[:1], y_vec[:1]), TextEmbeds(txt[1:], y_vec[1:])
+
+
+def load_reference_pixels(cond_type: str, paths: tuple[str, ...], height: int, width: int) -> ReferencePixels:
+    """Read and resize the references the condition needs; clear MediaError / ValueError messages otherwise."""
+    spec = reference_spec(cond_type)
+    if spec.kind == "none":
+        return ReferencePixels()
+    if spec.kind == "image":
+        images = [resize_crop(read_image(p), height, width)[:, None] for p in paths]  # each (3, 1, H, W)
+        if cond_type == "i2v_loop" and len(paths) == 2:
+            sizes = {tuple(read_image(p).shape[1:]) for p in paths}
+            if len(sizes) > 1:
+                raise MediaError("the two loop images have different sizes "
+                                 f"({' and '.join('x'.join(map(str, s[::-1])) for s in sizes)}); "
+                                 "use two images of the same size")
+        return ReferencePixels(head=images[0] if spec.head else None, tail=images[-1] if spec.tail else None)
+    info = probe_video(paths[0])
+    if info.frames < spec.video_frames:
+        raise MediaError(f"the clip has {info.frames} frames; extending needs at least {spec.video_frames}")
+    clip, fps = read_video(paths[0])
+    if clip.shape[1] < spec.video_frames:
+        raise MediaError(f"only {clip.shape[1]} frames of the clip could be decoded; extending needs "
+                         f"{spec.video_frames}")
+    clip = resize_crop(clip, height, width)  # (3, T, H, W)
+    # Forward extension continues from the clip's end: its last frames become the new video's head.
+    head = clip[:, -spec.video_frames:] if spec.head else None
+    tail = clip[:, :spec.video_frames] if spec.tail else None
+    return ReferencePixels(head=head, tail=tail, clip=clip, source_fps=fps)
+
+
+@torch.inference_mode()
+def encode_references(vae, refs: ReferencePixels, device, dtype) -> ReferenceLatents:
+    """VAE-encode head / tail references (deterministic posterior mean) to (1, C, k, h, w) latents."""
+    def enc(x):
+        return None if x is None else vae.encode(x[None].to(device=device, dtype=dtype))
+    return ReferenceLatents(head=enc(refs.head), tail=enc(refs.tail))
+
+
+def latent_shape(vae, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    cfg = vae.config
+    s = cfg.spatial_compression_ratio
+    return cfg.latent_channels, vae.latent_frames(num_frames), height // s, width // s
+
+
+def sample(mmdit, text: TextEmbeds, negative: TextEmbeds, refs: ReferenceLatents, cond_type: str,
+           latent: tuple[int, int, int, int], seed: int, opts: GuidanceOptions, *, callback=None,
+           should_stop=None, counter: DenoiseCounter | None = None, skip_known: bool = True) -> Tensor:
+    """Noise -> clean latent (1, C, T, h, w), with the given frames put back exactly."""
+    c, t_lat, h_lat, w_lat = latent
+    device, dtype = text.txt.device, text.txt.dtype
+    patch = mmdit.config.patch_size
+    z = get_noise(1, c, t_lat, h_lat, w_lat, seed, device=device, dtype=dtype)  # (1, C, T, h, w)
+    masks, masked = prepare_inference_condition(z, cond_type, refs)
+    cond = pack(torch.cat([masks, masked], dim=1), patch) if mmdit.config.cond_embed else None
+    timesteps = get_schedule(opts.num_steps, (h_lat // patch) * (w_lat // patch), t_lat,
+                             shift_alpha=opts.flow_shift, shift=opts.shift)
+    x = denoise(mmdit, pack(z, patch), prepare_img_ids(1, t_lat, h_lat, w_lat, patch, device).to(dtype), text,
+                negative, cond, timesteps, opts, t_lat, temporal_image_guidance=cond_type.startswith("i2v"),
+                skip_known=skip_known, callback=callback, should_stop=should_stop, counter=counter)
+    z = unpack(x, t_lat, h_lat, w_lat, patch)
+    return torch.where(masks.bool(), masked, z)
+
+
+@torch.inference_mode()
+def decode_video(vae, z: Tensor, num_frames: int) -> Tensor:
+    """Latent (1, C, T, h, w) -> video (3, T, H, W) in [-1, 1], float32 on CPU."""
+    return vae.decode(z)[0, :, :num_frames].float().clamp(-1, 1).cpu()
+
+
+def stitch_extension(cond_type: str, generated: Tensor, refs: ReferencePixels) -> Tensor:
+    """Extension keeps the user's clip as it was and adds only the new frames around it."""
+    if refs.clip is None:
+        return generated
+    k = reference_spec(cond_type).video_frames
+    if cond_type.startswith("v2v_head"):
+        return torch.cat([refs.clip, generated[:, k:]], dim=1)
+    return torch.cat([generated[:, :-k], refs.clip], dim=1)
+
+
+@torch.inference_mode()
+def fit_preview_projection(vae, device, dtype, size: int = 64) -> Tensor:
+    """A (C + 1, 3) least-squares map from latent pixels to RGB, fitted on a colour chart through the VAE.
+
+    Decoding through the VAE every few steps would cost as much as sampling on a CPU; this costs one encode at
+    first use and a matrix product per preview.
+    """
+    g = torch.Generator().manual_seed(0)
+    s = vae.config.spatial_compression_ratio
+    blocks = torch.rand(3, 1, size // (2 * s), size // (2 * s), generator=g) * 2 - 1
+    chart = torch.nn.functional.interpolate(blocks[None], scale_factor=(1, 2 * s, 2 * s), mode="nearest")[0]
+    z = vae.encode(chart[None].to(device=device, dtype=dtype))[0, :, 0].float().cpu()  # (C, h, w)
+    rgb = torch.nn.functional.avg_pool2d(chart[:, 0], s)  # (3, h, w)
+    feats = torch.cat([rearrange(z, "c h w -> (h w) c"), torch.ones(z.shape[1] * z.shape[2], 1)], dim=1)
+    return torch.linalg.lstsq(feats, rearrange(rgb, "c h w -> (h w) c")).solution  # (C + 1, 3)
+
+
+def preview_strip(x0: Tensor, projection: Tensor, latent: tuple[int, int, int, int], patch: int,
+                  max_frames: int = 5, scale: int = 4) -> np.ndarray:
+    """Packed predicted-clean latent -> a uint8 strip (h*scale, n*w*scale, 3) of up to max_frames frames."""
+    c, t_lat, h_lat, w_lat = latent
+    z = unpack(x0[:1].float().cpu(), t_lat, h_lat, w_lat, patch)[0]  # (C, T, h, w)
+    idx = torch.linspace(0, t_lat - 1, min(max_frames, t_lat)).round().long()
+    z = z[:, idx]
+    feats = torch.cat([rearrange(z, "c t h w -> t h w c"), torch.ones(*z.shape[1:], 1)], dim=-1)
+    rgb = (feats @ projection).clamp(-1, 1)  # (n, h, w, 3)
+    rgb = rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    strip = rearrange(rgb, "n h w c -> h (n w) c")
+    return ((strip + 1) * 127.5).round().to(torch.uint8).numpy()
