@@ -1,0 +1,177 @@
+"""End to end through the engine with a tiny random preset: every mode makes a playable video and a recipe."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.engine import Engine, PreviewEvent, ProgressEvent, StageEvent
+from pipelines.media import MediaError, probe_video, read_video, write_video
+from pipelines.options import GenerationOptions, OptionsError
+from pipelines.sampling import GenerationStopped
+from tests.tiny_preset import tiny_preset
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    torch.manual_seed(0)
+    return Engine(tiny_preset(), output_dir=tmp_path_factory.mktemp("outputs")).load()
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("refs") / "ref.png"
+    pixels = np.zeros((80, 96, 3), np.uint8)
+    pixels[20:40, 30:50] = (220, 40, 40)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clips") / "clip.mp4"
+    frames = np.zeros((41, 64, 64, 3), np.uint8)
+    for t in range(41):
+        frames[t, 20:36, t:t + 16] = (40, 90, 220)
+    write_video(frames, path, fps=8)
+    return str(path)
+
+
+def check_output(result, frames, fps=8, size=64):
+    info = probe_video(result.video_path)
+    assert (info.frames, info.width, info.height) == (frames, size, size)
+    assert info.fps == pytest.approx(fps)
+    recipe = json.loads(result.recipe_path.read_text())
+    for key in ("preset", "mode", "cond_type", "prompt", "options", "seed", "timings_s", "peak_memory_bytes",
+                "versions", "checkpoints", "sampler"):
+        assert key in recipe
+    assert recipe["prompt"]["final"].endswith("8 FPS. 4 motion score.")
+    return recipe
+
+
+def test_t2v_makes_a_playable_video_with_recipe_and_events(engine):
+    events = []
+    result = engine.run(GenerationOptions(prompt="a red circle moving to the right", seed=3), on_event=events.append)
+    recipe = check_output(result, frames=9)
+    assert recipe["seed"] == 3 and recipe["cond_type"] == "t2v"
+    kinds = [type(e) for e in events]
+    assert StageEvent in kinds and ProgressEvent in kinds and PreviewEvent in kinds
+    previews = [e for e in events if isinstance(e, PreviewEvent)]
+    assert previews[0].image.dtype == np.uint8 and previews[0].image.ndim == 3
+    # t2v skips the redundant unconditional branch: 2 branches per step at 3 steps
+    assert recipe["sampler"] == {"forwards": 3, "branch_evaluations": 6}
+
+
+def test_same_seed_gives_identical_frames(engine):
+    a = engine.run(GenerationOptions(prompt="a blue square", seed=11))
+    b = engine.run(GenerationOptions(prompt="a blue square", seed=11))
+    assert a.video_path != b.video_path
+    assert torch.equal(read_video(a.video_path)[0], read_video(b.video_path)[0])
+
+
+def test_random_seed_is_reported(engine):
+    result = engine.run(GenerationOptions(prompt="a green ball"))
+    assert isinstance(result.seed, int) and json.loads(result.recipe_path.read_text())["seed"] == result.seed
+
+
+@pytest.mark.parametrize("position", ["head", "tail"])
+def test_i2v(engine, image_path, position):
+    result = engine.run(GenerationOptions(mode="i2v", prompt="a red square", references=(image_path,),
+                                          i2v_position=position, seed=1))
+    assert check_output(result, frames=9)["cond_type"] == f"i2v_{position}"
+
+
+@pytest.mark.parametrize("two_images", [False, True])
+def test_loop(engine, image_path, two_images):
+    refs = (image_path, image_path) if two_images else (image_path,)
+    result = engine.run(GenerationOptions(mode="loop", prompt="a red square", references=refs, seed=1))
+    assert check_output(result, frames=9)["cond_type"] == "i2v_loop"
+
+
+def test_extend_forward_keeps_the_clip_and_adds_frames(engine, clip_path):
+    result = engine.run(GenerationOptions(mode="extend", prompt="a blue square moving right",
+                                          references=(clip_path,), num_frames=45, seed=1))
+    recipe = check_output(result, frames=41 + 45 - 33)
+    assert recipe["cond_type"] == "v2v_head"
+    original, new = read_video(clip_path)[0], read_video(result.video_path)[0]
+    assert (original - new[:, :41]).abs().mean() < 0.05  # the given frames are kept (up to H.264 re-encoding)
+
+
+def test_extend_backward(engine, clip_path):
+    result = engine.run(GenerationOptions(mode="extend", prompt="x", references=(clip_path,), num_frames=37,
+                                          extend_direction="backward", seed=1))
+    assert check_output(result, frames=41 + 4)["cond_type"] == "v2v_tail"
+
+
+def test_stop_ends_the_run_and_the_engine_stays_usable(engine):
+    steps = []
+    with pytest.raises(GenerationStopped):
+        engine.run(GenerationOptions(prompt="a circle", num_steps=50, seed=1),
+                   on_event=lambda e: steps.append(e) if isinstance(e, ProgressEvent) else None,
+                   should_stop=lambda: len(steps) >= 1)
+    assert len(steps) == 1 and engine.state.stage == "idle"
+    check_output(engine.run(GenerationOptions(prompt="a circle", seed=1)), frames=9)
+
+
+BAD_OPTIONS = [
+    (dict(prompt="   "), "prompt is empty"),
+    (dict(prompt="x", num_frames=10), "4k\\+1.*try 9 or 13"),
+    (dict(prompt="x", num_frames=0), "between 1"),
+    (dict(prompt="x", num_frames=-5), "between 1"),
+    (dict(prompt="x", num_frames=73), "more than this model's limit"),
+    (dict(prompt="x", height=60, width=64), "multiples of 16"),
+    (dict(prompt="x", height=128, width=128), "too large"),
+    (dict(prompt="x", guidance=float("nan")), "finite"),
+    (dict(prompt="x", guidance=float("inf")), "finite"),
+    (dict(prompt="x", guidance=-1), "between 0"),
+    (dict(prompt="x", num_steps=0), "steps must be between 1"),
+    (dict(prompt="x", num_steps=10**6), "steps must be between 1"),
+    (dict(prompt="x", mode="dance"), "unknown mode"),
+    (dict(prompt="x", mode="i2v"), "exactly one image"),
+    (dict(prompt="x", mode="extend"), "one video clip"),
+    (dict(prompt="x", mode="loop", references=("a", "b", "c")), "one image .* or two images"),
+    (dict(prompt="x", motion_score=9), "motion score"),
+    (dict(prompt="x", resolution="768px"), "not offered"),
+    (dict(prompt="x", seed=2**40), "seed"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_OPTIONS, ids=[m for _, m in BAD_OPTIONS])
+def test_bad_options_get_one_clear_message(engine, kwargs, message):
+    with pytest.raises(OptionsError, match=message):
+        engine.run(GenerationOptions(**kwargs))
+
+
+def test_bad_references_get_clear_messages(engine, tmp_path, clip_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    short = tmp_path / "short.mp4"
+    write_video(np.zeros((10, 64, 64, 3), np.uint8), short, fps=8)
+    cases = [(GenerationOptions(mode="i2v", prompt="x", references=(str(empty),)), "empty|0 bytes"),
+             (GenerationOptions(mode="i2v", prompt="x", references=(str(not_image),)), "not a readable image"),
+             (GenerationOptions(mode="extend", prompt="x", references=(str(short),), num_frames=45), "at least 33"),
+             (GenerationOptions(mode="extend", prompt="x", references=(str(not_image),), num_frames=45), "video")]
+    for options, message in cases:
+        with pytest.raises(MediaError, match=message):
+            engine.run(options)
+
+
+def test_extension_needs_more_frames_than_the_condition(engine, clip_path):
+    with pytest.raises(OptionsError, match="at least 37"):
+        engine.run(GenerationOptions(mode="extend", prompt="x", references=(clip_path,), num_frames=33))
+
+
+def test_long_prompt_truncation_is_noted_in_the_recipe(engine):
+    result = engine.run(GenerationOptions(prompt="a red circle " * 500, seed=2))
+    assert any("tokens" in w for w in json.loads(result.recipe_path.read_text())["warnings"])
+
+
+def test_param_and_memory_stats(engine):
+    stats = {s.name: s for s in engine.param_stats()}
+    assert set(stats) == {"mmdit", "vae", "text_encoder"}
+    assert stats["mmdit"].total > 0 and stats["mmdit"].trainable == 0
+    assert engine.memory_stats().process_rss_bytes > 0
