@@ -1,0 +1,124 @@
+"""GPU check: the released 11B MMDiT (random bf16 weights) and Hunyuan VAE at 256px, skipping vs three-branch.
+
+    python bench/gpu_check.py            # on an H100/H200: ~5 minutes including warm-up
+    python bench/gpu_check.py --smoke    # tiny config on the CPU (the test suite runs this so it cannot rot)
+
+Reports s/step for t2v and i2v with the skipping sampler and with the plain three-branch loop, the projected 50-step
+time, peak memory, and the VAE decode of one 256px 129-frame latent; compare with Open-Sora's published
+60 s / 52.5 GB for 256x256 on one H100 (README, with offload and tensor parallelism).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.models import build_causal_vae, build_mmdit  # noqa: E402
+from pipelines.presets import get_preset  # noqa: E402
+from pipelines.sampling import (DenoiseCounter, GuidanceOptions, TextEmbeds, denoise, get_schedule,  # noqa: E402
+                                prepare_img_ids)
+
+SMOKE_MMDIT = dict(in_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=2,
+                   axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1, cond_embed=True)
+SMOKE_VAE = dict(latent_channels=16, block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4)
+
+
+def random_init(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """Materialise a meta-device model on `device` with small random weights (no checkpoint needed)."""
+    module = module.to_empty(device=device)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+    return module.to(dtype).eval().requires_grad_(False)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_sampler(model, cond_type, t_lat, h_lat, w_lat, txt_len, steps, skip_known, device, dtype):
+    cfg = model.config
+    n_tok = t_lat * (h_lat // 2) * (w_lat // 2)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    text = TextEmbeds(rnd(1, txt_len, cfg.context_in_dim), rnd(1, cfg.vec_in_dim))
+    neg = TextEmbeds(rnd(1, txt_len, cfg.context_in_dim), rnd(1, cfg.vec_in_dim))
+    cond = torch.zeros(1, n_tok, cfg.in_channels + 4, device=device, dtype=dtype)
+    if cond_type == "i2v":
+        cond[:, : n_tok // t_lat] = 1.0  # the first latent frame is given
+    ids = prepare_img_ids(1, t_lat, h_lat, w_lat, device=device).to(dtype)
+    opts = GuidanceOptions(num_steps=50)
+    # Time the first `steps` of a 50-step schedule, then project to 50 with the step mix of a full run.
+    schedule = get_schedule(50, (h_lat // 2) * (w_lat // 2), t_lat)[: steps + 1]
+    counter = DenoiseCounter()
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        denoise(model, rnd(1, n_tok, cfg.in_channels), ids, text, neg, cond, schedule, opts, t_lat,
+                temporal_image_guidance=cond_type == "i2v", skip_known=skip_known, counter=counter)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    per_branch = elapsed / counter.branch_evals
+    full_evals = {("t2v", True): 80, ("i2v", True): 110}.get((cond_type, skip_known), 150)
+    return {"mode": cond_type, "sampler": "skipping" if skip_known else "three-branch", "steps_timed": steps,
+            "s_per_step": elapsed / steps, "branch_evals_timed": counter.branch_evals,
+            "projected_50_steps_s": per_branch * full_evals, "branch_evals_50_steps": full_evals}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny config on CPU")
+    p.add_argument("--steps", type=int, default=None, help="steps to time per case (default 12; 2 with --smoke)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    preset = get_preset("opensora-v2-256px")
+    mmdit_cfg = SMOKE_MMDIT if args.smoke else preset.mmdit
+    vae_cfg = SMOKE_VAE if args.smoke else dict(preset.vae, use_spatial_tiling=True)
+    # 256px 16:9 is 192x336, 129 frames -> latent 33 x 24 x 42; the smoke run shrinks everything.
+    t_lat, h_lat, w_lat, txt_len = (3, 8, 8, 8) if args.smoke else (33, 24, 42, 512)
+    steps = args.steps or (2 if args.smoke else 12)
+    with torch.device("meta"):
+        model = build_mmdit(**mmdit_cfg)
+        vae = build_causal_vae(**vae_cfg)
+    model, vae = random_init(model, device, dtype), random_init(vae, device, dtype)
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
+            "mmdit_params": sum(p.numel() for p in model.parameters()), "latent": [t_lat, h_lat, w_lat],
+            "date": time.strftime("%Y-%m-%d"), "results": []}
+    time_sampler(model, "t2v", t_lat, h_lat, w_lat, txt_len, 1, True, device, dtype)  # warm-up
+    for mode in ("t2v", "i2v"):
+        for skip in (True, False):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            row = time_sampler(model, mode, t_lat, h_lat, w_lat, txt_len, steps, skip, device, dtype)
+            if device.type == "cuda":
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            info["results"].append(row)
+            print(json.dumps(row), flush=True)
+    z = torch.randn(1, vae.config.latent_channels, t_lat, h_lat, w_lat, device=device, dtype=dtype)
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        frames = vae.decode(z)
+    sync(device)
+    info["vae_decode_s"] = time.perf_counter() - start
+    info["vae_decode_shape"] = list(frames.shape)
+    if device.type == "cuda":
+        info["peak_gb_overall"] = torch.cuda.max_memory_allocated() / 1e9
+    print(json.dumps({k: v for k, v in info.items() if k != "results"}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(info, indent=1))
+    return info
+
+
+if __name__ == "__main__":
+    main()
