@@ -1,0 +1,87 @@
+"""The batch CLI, the presets registry and the benchmark scripts (smoke mode, so they cannot rot)."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pipelines.presets as presets
+from pipelines import generate
+from pipelines.media import probe_video
+from tests.tiny_preset import tiny_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_registry(monkeypatch):
+    monkeypatch.setattr(presets, "get_preset", lambda name, weights_dir=None: tiny_preset())
+
+
+def test_cli_single_prompt_prints_where_the_result_went(tiny_registry, tmp_path, capsys):
+    assert generate.main(["--prompt", "a red circle", "--out", str(tmp_path), "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    video = Path(out.split("] ")[1].split(" (seed")[0])
+    assert video.exists() and "seed 5" in out and probe_video(video).frames == 9
+
+
+def test_cli_csv_rows_with_references(tiny_registry, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "ref.png")
+    table = tmp_path / "prompts.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "ref", "cond_type", "name"])
+        writer.writeheader()
+        writer.writerow({"text": "a red box", "ref": "", "cond_type": "t2v", "name": "first"})
+        writer.writerow({"text": "a red box", "ref": str(tmp_path / "ref.png"), "cond_type": "i2v_head",
+                         "name": "../../etc/passwd"})
+    assert generate.main(["--csv", str(table), "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "first" in lines[0]
+    saved = sorted((tmp_path / "out").iterdir())
+    assert all(p.parent == tmp_path / "out" for p in saved) and not any(".." in p.name for p in saved)
+
+
+def test_cli_bad_input_exits_non_zero_with_a_message(tiny_registry, tmp_path, capsys):
+    assert generate.main(["--prompt", "x", "--num-frames", "10", "--out", str(tmp_path)]) == 2
+    assert "4k+1" in capsys.readouterr().err
+    assert generate.main(["--csv", str(tmp_path / "missing.csv")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown preset"):
+        presets.get_preset("sora-9000")
+
+
+def test_official_presets_point_at_the_released_files(tmp_path):
+    preset = presets.get_preset("opensora-v2-768px")
+    assert preset.mmdit_weights == "hf://hpcai-tech/Open-Sora-v2/Open_Sora_v2.safetensors"
+    assert preset.sampling.resolution == "768px" and preset.official
+    local = presets.get_preset("opensora-v2-256px", weights_dir=str(tmp_path))
+    assert local.vae_weights == str(tmp_path / "hunyuan_vae.safetensors")
+
+
+def test_official_weights_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from pipelines.components import load_components
+    from pipelines.loading import CheckpointError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    preset = presets.get_preset("opensora-v2-256px", weights_dir=str(tmp_path))
+    with pytest.raises(CheckpointError, match="Open_Sora_v2.safetensors"):
+        load_components(preset, device=__import__("torch").device("cpu"))
+
+
+def test_gpu_check_smoke_runs_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--smoke", "--json", str(out)], check=True,
+                   timeout=300, capture_output=True)
+    info = json.loads(out.read_text())
+    rows = {(r["mode"], r["sampler"]): r for r in info["results"]}
+    assert rows[("t2v", "skipping")]["branch_evals_50_steps"] == 80
+    assert rows[("i2v", "skipping")]["branch_evals_50_steps"] == 110
+    assert info["vae_decode_shape"] == [1, 3, 9, 64, 64]
