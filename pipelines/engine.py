@@ -69,6 +69,19 @@ class GenerationResult:
     kind: str = "result"
 
 
+@dataclass
+class GeneratedVideo:
+    options: ResolvedOptions
+    video: torch.Tensor  # (3, T, H, W) in [-1, 1]: what is saved (extensions include the user's clip)
+    raw: torch.Tensor  # (3, T, H, W) the decoded sample before stitching
+    refined_prompt: str | None
+    final_prompt: str
+    motion_score: int
+    counter: DenoiseCounter
+    timings: dict
+    warnings: list[str]
+
+
 EventCallback = Callable[[object], None]
 
 
@@ -164,28 +177,32 @@ class Engine:
         self._place(name)
         emit(StageEvent(name, message))
 
+    def generate_frames(self, options: GenerationOptions, on_event: EventCallback | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> "GeneratedVideo":
+        """Run every stage but saving; returns the frames (for evaluation and callers that save elsewhere)."""
+        opts = self.check(options)
+        opts = with_seed(opts, opts.seed if opts.seed is not None else secrets.randbelow(2**32))
+        with self._lock:
+            try:
+                return self._generate(opts, on_event or (lambda event: None), should_stop or (lambda: False))
+            finally:
+                self.state.stage = "idle"
+
     def _run(self, opts: ResolvedOptions, emit, stop, peak) -> GenerationResult:
+        made = self._generate(opts, emit, stop)
+        self._stage("save", "Saving the video", emit, stop)
+        recipe = self._recipe(made, peak)
+        saved: SavedResult = save_result(made.video, self.output_dir, recipe, opts.fps, opts.mode, opts.seed,
+                                         opts.name)
+        self.state.last_peak_bytes = recipe["peak_memory_bytes"]
+        self.state.runs += 1
+        return GenerationResult(saved.video_path, saved.recipe_path, recipe, opts.seed, tuple(made.warnings))
+
+    def _generate(self, opts: ResolvedOptions, emit, stop) -> "GeneratedVideo":
         timings, warnings, t0 = {}, [], time.perf_counter()
         c = self.components
         mark = time.perf_counter()
-
-        prompt = opts.prompt
-        refined = None
-        if opts.refine:
-            self._stage("refine", "Refining the prompt with the LLM", emit, stop)
-            kind = "t2v" if opts.cond_type == "t2v" else ("i2v" if opts.cond_type.startswith("i2v") else "t2v")
-            refs = opts.references[:1] if kind == "i2v" else ()
-            outcome = refine_prompt(prompt, kind, self.llm, image_path=refs[0] if refs else None)
-            if outcome.ok:
-                prompt = refined = outcome.refined
-            else:
-                warnings.append(f"prompt refinement failed, the original prompt was used: {outcome.error}")
-        motion = opts.motion_score
-        if motion == "dynamic":
-            score, error = ask_motion_score(prompt, self.llm)
-            motion = score if score is not None else self.preset.sampling.motion_score
-            if error:
-                warnings.append(f"automatic motion score failed ({error}); used {motion}")
+        prompt, refined, motion = self._refine(opts, emit, stop, warnings)
         final_prompt = build_prompt(prompt, opts.fps, motion)
         timings["refine"] = time.perf_counter() - mark
 
@@ -201,37 +218,48 @@ class Engine:
         mark = time.perf_counter()
         self._stage("encode_references", "Encoding the references", emit, stop)
         pixels = load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
-        dev = text.txt.device
-        refs = encode_references(c.vae, pixels, dev, c.dtype)
+        refs = encode_references(c.vae, pixels, text.txt.device, c.dtype)
         timings["encode_references"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         self._stage("sample", f"Sampling 0/{opts.num_steps}", emit, stop)
         latent = latent_shape(c.vae, opts.num_frames, opts.height, opts.width)
         counter = DenoiseCounter()
-        callback = self._progress_callback(emit, latent, mark)
         guidance = GuidanceOptions(num_steps=opts.num_steps, guidance=opts.guidance, guidance_img=opts.guidance_img,
                                    text_osci=opts.text_osci, image_osci=opts.image_osci,
                                    scale_temporal_osci=opts.scale_temporal_osci, shift=opts.shift,
                                    flow_shift=opts.flow_shift)
         with torch.inference_mode():
-            z = sample(c.mmdit, text, negative, refs, opts.cond_type, latent, opts.seed, guidance, callback=callback,
-                       should_stop=stop, counter=counter)
+            z = sample(c.mmdit, text, negative, refs, opts.cond_type, latent, opts.seed, guidance,
+                       callback=self._progress_callback(emit, latent, mark), should_stop=stop, counter=counter)
         timings["sample"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         self._stage("decode", "Decoding frames", emit, stop)
-        video = stitch_extension(opts.cond_type, decode_video(c.vae, z, opts.num_frames), pixels)
+        raw = decode_video(c.vae, z, opts.num_frames)
         timings["decode"] = time.perf_counter() - mark
-
-        self._stage("save", "Saving the video", emit, stop)
-        mark = time.perf_counter()
         timings["total"] = time.perf_counter() - t0
-        recipe = self._recipe(opts, refined, final_prompt, motion, counter, timings, peak, warnings, video)
-        saved: SavedResult = save_result(video, self.output_dir, recipe, opts.fps, opts.mode, opts.seed, opts.name)
-        self.state.last_peak_bytes = peak.peak_device_bytes or peak.peak_rss_bytes
-        self.state.runs += 1
-        return GenerationResult(saved.video_path, saved.recipe_path, recipe, opts.seed, tuple(warnings))
+        return GeneratedVideo(opts, stitch_extension(opts.cond_type, raw, pixels), raw, refined, final_prompt,
+                              motion, counter, timings, warnings)
+
+    def _refine(self, opts: ResolvedOptions, emit, stop, warnings: list[str]):
+        """Optional LLM stages; any failure keeps the user's prompt and says why (never silently)."""
+        prompt, refined, motion = opts.prompt, None, opts.motion_score
+        if opts.refine:
+            self._stage("refine", "Refining the prompt with the LLM", emit, stop)
+            kind = "i2v" if opts.cond_type.startswith("i2v") else "t2v"
+            outcome = refine_prompt(prompt, kind, self.llm, image_path=opts.references[0] if kind == "i2v" else None)
+            if outcome.ok:
+                prompt = refined = outcome.refined
+            else:
+                warnings.append(f"prompt refinement failed, the original prompt was used: {outcome.error}")
+        if motion == "dynamic":
+            self._stage("refine", "Asking the LLM for a motion score", emit, stop)
+            score, error = ask_motion_score(prompt, self.llm)
+            motion = score if score is not None else self.preset.sampling.motion_score
+            if error:
+                warnings.append(f"automatic motion score failed ({error}); used {motion}")
+        return prompt, refined, motion
 
     def _progress_callback(self, emit, latent, start: float):
         projection = None
@@ -250,19 +278,19 @@ class Engine:
                                   done))
         return callback
 
-    def _recipe(self, opts, refined, final_prompt, motion, counter, timings, peak, warnings, video) -> dict:
-        c = self.components
+    def _recipe(self, made: "GeneratedVideo", peak) -> dict:
+        c, opts, video = self.components, made.options, made.video
         return {
             "preset": self.preset.name, "preset_trained": self.preset.trained, "checkpoints": c.checkpoints,
             "mode": opts.mode, "cond_type": opts.cond_type,
-            "prompt": {"original": opts.prompt, "refined": refined, "final": final_prompt,
+            "prompt": {"original": opts.prompt, "refined": made.refined_prompt, "final": made.final_prompt,
                        "negative": opts.negative_prompt},
-            "options": {**opts.to_dict(), "motion_score": motion}, "seed": opts.seed,
+            "options": {**opts.to_dict(), "motion_score": made.motion_score}, "seed": opts.seed,
             "output": {"frames": int(video.shape[1]), "height": int(video.shape[2]), "width": int(video.shape[3]),
                        "fps": opts.fps},
-            "sampler": {"forwards": counter.forwards, "branch_evaluations": counter.branch_evals},
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "sampler": {"forwards": made.counter.forwards, "branch_evaluations": made.counter.branch_evals},
+            "timings_s": {k: round(v, 3) for k, v in made.timings.items()},
             "peak_memory_bytes": peak.peak_device_bytes or peak.peak_rss_bytes,
-            "device": str(self.device), "warnings": warnings,
+            "device": str(self.device), "warnings": made.warnings,
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "studio": "0.1.0"},
         }
