@@ -1,0 +1,108 @@
+"""Open-Sora Studio entry point.
+
+    python app.py [--preset shapes-default] [--share] [--host 0.0.0.0] [--port 7860] [--device cuda:0,cuda:1]
+                  [--offload] [--output-dir outputs] [--weights-dir DIR]
+    gradio app.py -- --share          (reload mode: gradio's CLI passes arguments after `--` to this script)
+
+On Hugging Face Spaces the same file runs as is; `spaces.GPU` wraps the generation handlers when the `spaces`
+package is installed. The default preset is embedded in assets/, so the studio starts without any download or GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from studio import STUDIO_CSS, EnginePool, StudioSettings, build_demo, studio_theme
+
+log = logging.getLogger("app")
+GPU_SECONDS = 300  # ZeroGPU time budget per generation
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Studio flags; unknown arguments are ignored (gradio's reload mode and Spaces add their own)."""
+    parser = argparse.ArgumentParser(description="Open-Sora Studio: text/image/loop/extend video generation.")
+    parser.add_argument("--preset", default=os.environ.get("STUDIO_PRESET", "shapes-default"),
+                        help="model preset: shapes-default (embedded), opensora-v2-256px, opensora-v2-768px")
+    parser.add_argument("--share", action="store_true", default=None, help="create a public gradio.live link")
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860 or GRADIO_SERVER_PORT)")
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (every CUDA GPU, else CPU), 'cpu', 'cuda', or a list like cuda:0,cuda:1")
+    parser.add_argument("--offload", action="store_true", help="keep models on the CPU and move each to the GPU "
+                                                               "only for its stage (less GPU memory, slower)")
+    parser.add_argument("--output-dir", default=os.environ.get("STUDIO_OUTPUT_DIR", "outputs"),
+                        help="where videos and their JSON recipes are saved (one pair per job)")
+    parser.add_argument("--weights-dir", default=None, help="local folder with the official Open-Sora 2.0 weights")
+    parser.add_argument("--queue-size", type=int, default=16, help="jobs that may wait in the queue")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        log.info("ignoring arguments not meant for the studio: %s", unknown)
+    return args
+
+
+def pick_devices(choice: str) -> list[str | None]:
+    """One device per engine: every CUDA GPU for 'auto', otherwise the listed ones."""
+    import torch
+
+    if choice == "auto":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] or [None]
+    return [part.strip() for part in choice.split(",") if part.strip()]
+
+
+def create_pool(args: argparse.Namespace, settings: StudioSettings) -> EnginePool:
+    """Build and load one engine per device (the heavy part: run once, not on every reload)."""
+    from pipelines.engine import Engine
+    from pipelines.presets import get_preset
+
+    preset = get_preset(args.preset, weights_dir=args.weights_dir)
+    engines = [Engine(preset, device=device, offload=args.offload, output_dir=settings.output_dir, llm=settings.llm)
+               for device in pick_devices(args.device)]
+    for engine in engines:
+        log.info("loading %s on %s", preset.name, engine.device)
+        engine.load()
+    return EnginePool(engines)
+
+
+def gpu_decorator():
+    """spaces.GPU on Hugging Face ZeroGPU; None anywhere else."""
+    try:
+        import spaces
+    except ImportError:
+        return None
+    return spaces.GPU(duration=GPU_SECONDS)
+
+
+def create_settings(args: argparse.Namespace) -> StudioSettings:
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator())
+
+
+def launch(demo: gr.Blocks, args: argparse.Namespace, settings: StudioSettings, **kwargs):
+    """Launch with Gradio 6's launch-time theme/css; only the output and asset folders are served."""
+    return demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                       allowed_paths=settings.served_paths(), theme=studio_theme(), css=STUDIO_CSS, **kwargs)
+
+
+if gr.NO_RELOAD:
+    # Runs once; gradio's reload mode re-executes the rest of this file on each edit and keeps these globals.
+    logging.basicConfig(level=os.environ.get("STUDIO_LOG_LEVEL", "INFO"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
+    ARGS = parse_args(sys.argv[1:])
+    SETTINGS = create_settings(ARGS)
+    try:
+        POOL = create_pool(ARGS, SETTINGS)
+    except (ValueError, OSError) as exc:
+        sys.exit(f"cannot start the studio: {exc}")
+
+demo = build_demo(POOL, SETTINGS)
+
+if __name__ == "__main__":
+    launch(demo, ARGS, SETTINGS)

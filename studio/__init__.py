@@ -1,0 +1,7 @@
+"""The Open-Sora studio: a Gradio app over one or more engines. It never imports torch (app.py builds the engines)."""
+
+from studio.jobs import EnginePool, SessionJob
+from studio.layout import STUDIO_CSS, build_demo, studio_theme
+from studio.settings import StudioSettings
+
+__all__ = ["EnginePool", "SessionJob", "STUDIO_CSS", "StudioSettings", "build_demo", "studio_theme"]

@@ -1,0 +1,235 @@
+"""The controls every tab shares: prompt and refinement, size, duration, motion, sampler settings and seed.
+
+The pure helpers (sizes, durations, motion choices, LLM settings) are separate from the component builders so that
+tests can check them without a browser.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+import gradio as gr
+
+from pipelines.options import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, frames_for_seconds
+from pipelines.prompt_refine import LLMConfig
+from pipelines.sizes import closest_aspect_ratio, get_image_size, round_up
+
+log = logging.getLogger(__name__)
+
+AUTO_MOTION = "auto"
+_MOTION_WORDS = {1: "still", 2: "very slow", 3: "slow", 4: "steady", 5: "lively", 6: "fast", 7: "very fast"}
+MOTION_CHOICES = [(f"{score} · {word}", str(score)) for score, word in _MOTION_WORDS.items()] + \
+    [("auto (ask the LLM)", AUTO_MOTION)]
+
+
+# ---- pure helpers --------------------------------------------------------------------------------------------------
+def frame_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """The (height, width) a resolution and aspect ratio produce, rounded as the sampler needs."""
+    height, width = get_image_size(resolution, aspect_ratio)
+    return round_up(height), round_up(width)
+
+
+def aspect_choices(preset, resolution: str) -> list[tuple[str, str]]:
+    """Aspect-ratio choices labelled with the real pixel size at this resolution, e.g. '16:9 · 368×208 px'."""
+    choices = []
+    for ratio in preset.sampling.aspect_ratios:
+        try:
+            height, width = frame_size(resolution, ratio)
+        except ValueError:
+            continue
+        if height * width <= preset.sampling.max_pixels:
+            choices.append((f"{ratio} · {width}×{height} px", ratio))
+    return choices
+
+
+def size_text(resolution: str, aspect_ratio: str) -> str:
+    try:
+        height, width = frame_size(resolution, aspect_ratio)
+    except ValueError as exc:
+        return f"⚠ {exc}"
+    return f"Output size: **{width}×{height} px** (width × height)"
+
+
+def duration_text(num_frames, fps) -> str:
+    """'33 frames = 1.38 s at 24 fps', with a hint when the count is not 4k+1."""
+    try:
+        frames, rate = int(num_frames), int(fps)
+    except (TypeError, ValueError):
+        return "Set the number of frames and the fps."
+    if rate <= 0 or frames <= 0:
+        return "Frames and fps must be positive."
+    hint = "" if (frames - 1) % 4 == 0 else " ⚠ the frame count must be 4k+1 (…, 29, 33, 37, …)"
+    return f"{frames} frames = **{frames / rate:.2f} s** at {rate} fps{hint}"
+
+
+def frames_from_seconds(seconds, fps, max_frames: int) -> int:
+    """Duration slider -> frame count snapped to 4k+1 (pipelines.options.frames_for_seconds)."""
+    return frames_for_seconds(float(seconds or 0), int(fps or 1), max_frames)
+
+
+def parse_motion(choice) -> int | str | None:
+    """A motion choice ('1'..'7' or 'auto') -> 1..7, 'auto', or None (the preset default)."""
+    if choice in (None, ""):
+        return None
+    if str(choice).strip().lower().startswith(AUTO_MOTION):
+        return AUTO_MOTION
+    try:
+        return int(float(choice))
+    except (TypeError, ValueError):
+        return str(choice)  # resolve_options explains what is wrong with it
+
+
+def aspect_for_image(height: int, width: int, preset) -> str:
+    """The preset aspect ratio closest to an uploaded image's shape."""
+    return closest_aspect_ratio(height, width, preset.sampling.aspect_ratios)
+
+
+def session_llm(server: LLMConfig, base_url: str | None, model: str | None, api_key: str | None) -> LLMConfig:
+    """The server's LLM settings with this session's non-empty overrides."""
+    try:
+        return LLMConfig(base_url=(base_url or "").strip() or server.base_url,
+                         model=(model or "").strip() or server.model,
+                         api_key=(api_key or "").strip() or server.api_key,
+                         timeout_s=server.timeout_s, max_retries=server.max_retries)
+    except ValueError:
+        return server
+
+
+def llm_status(config: LLMConfig) -> str:
+    """One line saying whether refinement is available and, if not, why."""
+    if config.is_configured:
+        where = config.base_url or "OpenAI"
+        return f"LLM ready: `{config.model}` at {where}."
+    return ("Prompt refinement and 'auto' motion are off: no LLM endpoint is configured. Start the server with "
+            "OPENAI_API_KEY (or OPENSORA_LLM_BASE_URL for a local server), or fill in *LLM settings* below.")
+
+
+# ---- components ----------------------------------------------------------------------------------------------------
+@dataclass
+class SharedControls:
+    """Components every tab's Generate reads; `inputs()` gives them in the handlers' parameter order."""
+
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
+    refined_prompt: gr.Textbox
+    use_refined: gr.Checkbox
+    resolution: gr.Radio
+    aspect_ratio: gr.Dropdown
+    num_frames: gr.Number
+    fps: gr.Slider
+    motion_score: gr.Dropdown
+    num_steps: gr.Slider
+    guidance: gr.Slider
+    guidance_img: gr.Slider
+    seed: gr.Number
+    randomize_seed: gr.Checkbox
+
+    def inputs(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass
+class RefineControls:
+    button: gr.Button
+    status: gr.Markdown
+    base_url: gr.Textbox
+    model: gr.Textbox
+    api_key: gr.Textbox
+
+
+@dataclass
+class DurationControls:
+    seconds: gr.Slider
+    text: gr.Markdown
+    size: gr.Markdown
+
+
+def build_prompt_block(server_llm: LLMConfig) -> tuple[dict, RefineControls]:
+    """Prompt, negative prompt and the refine-with-LLM row; returns (components, refine controls)."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                placeholder="a red circle moving to the right on a black background",
+                                info="What happens in the video: objects, colours, motion, background.")
+        with gr.Column(scale=3):
+            refined = gr.Textbox(label="Refined prompt (editable)", lines=3, value="", elem_id="refined-prompt",
+                                 info="Written by the LLM when you press Refine; edit it freely. Used only when "
+                                      "'use refined' is ticked.")
+    with gr.Row():
+        ready = server_llm.is_configured
+        button = gr.Button("Refine with LLM", size="sm", interactive=ready, elem_id="refine")
+        use_refined = gr.Checkbox(label="use refined", value=False,
+                                  info="Generate from the refined prompt instead of the original.")
+    status = gr.Markdown(llm_status(server_llm), elem_id="llm-status")
+    negative = gr.Textbox(label="Negative prompt", lines=1, value="",
+                          info="What the video should avoid (the sampler steers away from it).")
+    with gr.Accordion("LLM settings", open=False):
+        base_url = gr.Textbox(label="Base URL", value=server_llm.base_url or "",
+                              info="Any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama …); empty = OpenAI.")
+        model = gr.Textbox(label="Model", value=server_llm.model,
+                           info="A vision model lets Image to video / Loop describe the uploaded image.")
+        api_key = gr.Textbox(label="API key", type="password", value="",
+                             placeholder="set on the server" if server_llm.api_key else "sk-…",
+                             info="Used for this browser session only; never stored, shown or logged.")
+    return ({"prompt": prompt, "negative_prompt": negative, "refined_prompt": refined, "use_refined": use_refined},
+            RefineControls(button, status, base_url, model, api_key))
+
+
+def build_settings_block(preset) -> tuple[dict, DurationControls]:
+    """Size, duration, fps, motion, sampler settings and seed, with help on each."""
+    s = preset.sampling
+    with gr.Accordion("Settings", open=True):
+        with gr.Row():
+            resolution = gr.Radio(list(s.resolutions), value=s.resolution, label="Resolution",
+                                  info="Pixel budget per frame (256px ≈ 256×256 pixels).")
+            aspect = gr.Dropdown(aspect_choices(preset, s.resolution), value=s.aspect_ratio, label="Aspect ratio",
+                                 info="Width:height, with the real pixel size; picked from an uploaded image.")
+        size = gr.Markdown(size_text(s.resolution, s.aspect_ratio))
+        with gr.Row():
+            seconds = gr.Slider(0, round(s.max_frames / s.fps, 2), value=round(s.num_frames / s.fps, 2),
+                                step=0.01, label="Duration (s)",
+                                info="Converted to a frame count of the form 4k+1 (the model's unit).")
+            frames = gr.Number(value=s.num_frames, precision=0, label="Frames", minimum=1, maximum=s.max_frames,
+                               info=f"4k+1, at most {s.max_frames}.")
+            fps = gr.Slider(1, 60, value=s.fps, step=1, label="FPS", info="Playback rate; also told to the model.")
+        text = gr.Markdown(duration_text(s.num_frames, s.fps))
+        with gr.Row():
+            motion = gr.Dropdown(MOTION_CHOICES, value=str(s.motion_score), label="Motion score",
+                                 info="How much moves: 1 still … 7 very fast; 'auto' asks the LLM.")
+            steps = gr.Slider(1, MAX_STEPS, value=s.num_steps, step=1, label="Steps",
+                              info="Sampling steps: more is slower and usually cleaner.")
+        with gr.Row():
+            guidance = gr.Slider(0, MAX_GUIDANCE, value=s.guidance, step=0.5, label="Guidance",
+                                 info="How strongly to follow the prompt (classifier-free guidance).")
+            guidance_img = gr.Slider(0, MAX_GUIDANCE, value=s.guidance_img, step=0.5, label="Image guidance",
+                                     info="How strongly to follow reference images or clips.")
+        with gr.Row():
+            seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed",
+                             info="The seed used is written back here after each run.")
+            randomize = gr.Checkbox(value=True, label="Randomize seed",
+                                    info="Untick to reuse the seed above and reproduce a result.")
+    components = {"resolution": resolution, "aspect_ratio": aspect, "num_frames": frames, "fps": fps,
+                  "motion_score": motion, "num_steps": steps, "guidance": guidance, "guidance_img": guidance_img,
+                  "seed": seed, "randomize_seed": randomize}
+    return components, DurationControls(seconds, text, size)
+
+
+def wire_settings(preset, shared: SharedControls, duration: DurationControls) -> None:
+    """Keep the derived texts in step: size label, aspect choices, seconds -> frames, frames -> duration text."""
+    max_frames = preset.sampling.max_frames
+
+    def on_resolution(resolution, aspect):
+        choices = aspect_choices(preset, resolution)
+        value = aspect if aspect in [v for _, v in choices] else (choices[0][1] if choices else None)
+        return gr.Dropdown(choices=choices, value=value), size_text(resolution, value)
+
+    shared.resolution.change(on_resolution, [shared.resolution, shared.aspect_ratio],
+                             [shared.aspect_ratio, duration.size], queue=False, api_visibility="private")
+    shared.aspect_ratio.change(size_text, [shared.resolution, shared.aspect_ratio], duration.size, queue=False,
+                               api_visibility="private")
+    duration.seconds.input(lambda sec, fps: frames_from_seconds(sec, fps, max_frames), [duration.seconds, shared.fps],
+                           shared.num_frames, queue=False, api_visibility="private")
+    for source in (shared.num_frames, shared.fps):
+        source.change(duration_text, [shared.num_frames, shared.fps], duration.text, queue=False,
+                      api_visibility="private")

@@ -1,0 +1,289 @@
+"""What the Generate, Stop and Refine buttons do: build options, validate before queueing, run, report.
+
+Each tab's handler has an explicit signature (tab inputs, then the shared controls) so that gradio_client users see
+named parameters; the job and LLM settings ride along in gr.State and never appear in the API.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines.options import GenerationOptions, OptionsError
+from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
+from studio.controls import AUTO_MOTION, SharedControls, parse_motion
+from studio.jobs import EnginePool, JobUpdate, SessionJob, run_job
+from studio.media_info import count_video_frames
+from studio.units import format_seconds
+
+log = logging.getLogger(__name__)
+
+SHARED_NAMES = [name for name in SharedControls.__dataclass_fields__]
+TAB_NAMES = {"t2v": ["image_first"], "i2v": ["image", "image_position"], "loop": ["first_image", "last_image"],
+             "extend": ["video", "direction", "easy"]}
+STATE_NAMES = ["job", "llm"]
+# Which input a validation message belongs to, by the words it uses (first match wins).
+_FIELD_WORDS = (("num_frames", ("number of frames", "4k+1", "frames is more")), ("video", ("clip", "video")),
+                ("image", ("image",)), ("num_steps", ("steps",)), ("guidance_img", ("image guidance",)),
+                ("guidance", ("guidance",)), ("seed", ("seed",)), ("fps", ("fps",)), ("motion_score", ("motion",)),
+                ("aspect_ratio", ("aspect", "too large", "height", "width")), ("resolution", ("resolution",)))
+
+
+def input_names(mode: str) -> list[str]:
+    """The handler's parameter names for a tab: tab inputs, shared controls, then the session states."""
+    return TAB_NAMES[mode] + SHARED_NAMES + STATE_NAMES
+
+
+def build_options(mode: str, values: dict) -> GenerationOptions:
+    """Turn one tab's input values into GenerationOptions (validated later by the engine's check)."""
+    prompt = values.get("prompt") or ""
+    refined = (values.get("refined_prompt") or "").strip()
+    if values.get("use_refined") and refined:
+        prompt = refined
+    motion = parse_motion(values.get("motion_score"))
+    references, extra = _references(mode, values)
+    seed = None if values.get("randomize_seed") or values.get("seed") is None else values.get("seed")
+    return GenerationOptions(
+        mode=mode, prompt=prompt, negative_prompt=values.get("negative_prompt") or "",
+        resolution=values.get("resolution") or None, aspect_ratio=values.get("aspect_ratio") or None,
+        num_frames=values.get("num_frames"), fps=values.get("fps"),
+        motion_score="dynamic" if motion == AUTO_MOTION else motion, num_steps=values.get("num_steps"),
+        guidance=values.get("guidance"), guidance_img=values.get("guidance_img"), seed=seed,
+        references=references, **extra)
+
+
+def _references(mode: str, values: dict) -> tuple[tuple[str, ...], dict]:
+    if mode == "t2v":
+        return (), {"image_first": bool(values.get("image_first"))}
+    if mode == "i2v":
+        image = values.get("image")
+        return ((str(image),) if image else ()), {"i2v_position": _position(values.get("image_position"))}
+    if mode == "loop":
+        first, last = values.get("first_image"), values.get("last_image")
+        if not first and last:
+            raise OptionsError("Loop: upload the first image (the last image alone is not enough)")
+        return tuple(str(p) for p in (first, last) if p), {}
+    video = values.get("video")
+    return ((str(video),) if video else ()), {"extend_direction": _direction(values.get("direction")),
+                                              "extend_easy": bool(values.get("easy"))}
+
+
+def _position(value) -> str:
+    text = str(value or "head").lower()
+    return "tail" if text.startswith(("tail", "last")) else ("head" if text.startswith(("head", "first")) else text)
+
+
+def _direction(value) -> str:
+    text = str(value or "forward").lower()
+    return "backward" if text.startswith("backward") else ("forward" if text.startswith("forward") else text)
+
+
+def check_request(pool: EnginePool, mode: str, values: dict):
+    """Everything that can be refused before queueing; raises OptionsError (a ValueError) with the reason."""
+    options = build_options(mode, values)
+    resolved = pool.check(options)
+    if mode == "extend":
+        frames = count_video_frames(resolved.references[0])
+        if frames < resolved.reference_frames:
+            raise OptionsError(f"the clip has {frames} frames; extending needs at least {resolved.reference_frames} "
+                               f"(turn off 'easy' for 33, or upload a longer clip)")
+    return options
+
+
+def _field_for(message: str, mode: str) -> str:
+    media = {"i2v": {"image": "image"}, "loop": {"image": "first_image"}, "extend": {"video": "video"}}.get(mode, {})
+    text = message.lower()
+    for name, words in _FIELD_WORDS:
+        if any(word in text for word in words):
+            if name in ("image", "video"):
+                if name in media:
+                    return media[name]
+                continue  # e.g. "Image to video needs ..." on the i2v tab is about the image
+            return name
+    return "prompt"
+
+
+def make_validator(pool: EnginePool, mode: str):
+    """A Gradio validator for one tab: runs before queueing and marks the input at fault."""
+    names = input_names(mode)
+
+    def validate(*args):
+        values = dict(zip(names, args))
+        try:
+            check_request(pool, mode, values)
+        except ValueError as exc:
+            target = _field_for(str(exc), mode)
+            return [gr.validate(name != target, str(exc) if name == target else "") for name in names]
+        return [gr.validate(True, "") for _ in names]
+
+    return validate
+
+
+def make_precheck(pool: EnginePool, mode: str):
+    """The same checks, written into the status panel: image and video inputs cannot show validation messages."""
+    names = input_names(mode)
+
+    def precheck(*args):
+        try:
+            check_request(pool, mode, dict(zip(names, args)))
+        except ValueError as exc:
+            return status_html(JobUpdate(stage="refused", message=f"Not started: {exc}"))
+        return gr.skip()
+
+    return precheck
+
+
+# ---- running -------------------------------------------------------------------------------------------------------
+def status_html(update: JobUpdate, extra: str = "") -> str:
+    """Stage text, a k/N step bar with elapsed time and ETA."""
+    title = html.escape(update.message or update.stage)
+    parts = [f"<div class='job-status' data-stage='{html.escape(update.stage)}'><b>{title}</b>"]
+    if update.total:
+        parts.append(f" · step {update.step}/{update.total} · {format_seconds(update.elapsed_s)} elapsed"
+                     f" · ETA {format_seconds(update.eta_s)}")
+        parts.append(f"<br><progress value='{update.step}' max='{update.total}' style='width:100%'></progress>")
+    if update.device:
+        parts.append(f"<br><small>device: {html.escape(update.device)}</small>")
+    if extra:
+        parts.append(f"<br>{extra}")
+    return "".join(parts) + "</div>"
+
+
+def _progress(progress, update: JobUpdate) -> None:
+    if progress is None:
+        return
+    if update.total:
+        progress((update.step, update.total), desc=update.message)
+    else:
+        progress(None, desc=update.message)
+
+
+def _resolve_motion(options: GenerationOptions, llm: LLMConfig):
+    """'auto' motion: ask this session's LLM; fall back to the preset default with a visible warning."""
+    if options.motion_score != "dynamic":
+        return options
+    score, error = ask_motion_score(options.prompt, llm) if llm.is_configured else (None, "no LLM configured")
+    if score is None:
+        gr.Warning(f"Automatic motion score unavailable ({error}); the preset's default was used.")
+        return replace(options, motion_score=None)
+    gr.Info(f"The LLM chose motion score {score}.")
+    return replace(options, motion_score=score)
+
+
+def _stream(pool, options, job: SessionJob, progress, note: str = ""):
+    """Yield (update, outputs) pairs for one engine run; the last update is done."""
+    for update in run_job(pool, options, job):
+        _progress(progress, update)
+        preview = update.preview if update.preview is not None else gr.skip()
+        yield update, (gr.skip(), gr.skip(), gr.skip(), status_html(update, note), preview)
+
+
+def _raise_for(update: JobUpdate) -> None:
+    error = update.error
+    if isinstance(error, (ValueError, OSError, MemoryError)):
+        raise gr.Error(str(error) or type(error).__name__, print_exception=False)
+    log.error("generation failed", exc_info=error)
+    raise gr.Error(f"Generation failed ({type(error).__name__}): {error}", print_exception=False)
+
+
+def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_llm: LLMConfig, progress=None):
+    """The body of every Generate button: a generator of (video, recipe, seed, status, preview) tuples."""
+    try:
+        options = check_request(pool, mode, values)
+    except ValueError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    llm = values.get("llm") or server_llm
+    started = time.perf_counter()
+    job.start()
+    try:
+        yield gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate()), gr.skip()
+        options = _resolve_motion(options, llm)
+        first_frame_recipe = None
+        if options.image_first:
+            note = "Step 1 of 2: generating the first frame"
+            for update, outputs in _stream(pool, replace(options, num_frames=1, image_first=False), job, progress,
+                                           note):
+                yield outputs
+            if update.stopped or update.error is not None:
+                yield from _finish(update, started)
+                return
+            first = update.result
+            yield gr.skip(), gr.skip(), gr.skip(), status_html(update, "First frame ready"), str(first.video_path)
+            first_frame_recipe = str(first.recipe_path)
+            options = replace(options, mode="i2v", references=(str(first.video_path),), i2v_position="head",
+                              image_first=False, seed=first.seed)
+        for update, outputs in _stream(pool, options, job, progress):
+            yield outputs
+        yield from _finish(update, started, first_frame_recipe)
+    finally:
+        job.finish()
+
+
+def _finish(update: JobUpdate, started: float, first_frame_recipe: str | None = None):
+    if update.stopped:
+        yield (gr.skip(), gr.skip(), gr.skip(),
+               status_html(replace(update, message="Stopped"), "The job was stopped; the studio is ready."),
+               gr.skip())
+        return
+    if update.error is not None:
+        _raise_for(update)
+    result = update.result
+    for warning in result.warnings:
+        gr.Warning(warning)
+    recipe = dict(result.recipe)
+    if first_frame_recipe:
+        recipe["first_frame_recipe"] = first_frame_recipe
+    done = replace(update, message=f"Done in {format_seconds(time.perf_counter() - started)} · seed {result.seed}")
+    path = Path(result.video_path)
+    video = str(path) if path.suffix == ".mp4" else None
+    preview = str(path) if path.suffix == ".png" else gr.skip()
+    yield video, recipe, result.seed, status_html(done, f"Saved {html.escape(path.name)}"), preview
+
+
+def make_generate(pool: EnginePool, mode: str, server_llm: LLMConfig):
+    """One tab's handler with named parameters (as gradio_client shows them)."""
+    names = input_names(mode)
+
+    def handler(*args, progress=gr.Progress()):
+        values = dict(zip(names, args))
+        yield from generate(pool, mode, values, values["job"], server_llm, progress)
+
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    params.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress()))
+    handler.__signature__ = inspect.Signature(params)
+    handler.__name__ = mode
+    return handler
+
+
+# ---- stop and refine -----------------------------------------------------------------------------------------------
+def stop_job(job: SessionJob) -> str:
+    """Ask this session's running job to stop at its next step."""
+    if job.request_stop():
+        return status_html(JobUpdate(stage="stopping", message="Stopped: the job ends within one step, queued jobs "
+                                                               "are cancelled; the studio is ready."))
+    return status_html(JobUpdate(stage="idle", message="Nothing is running; the studio is ready."))
+
+
+def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, server_llm: LLMConfig):
+    """Refine the prompt into the separate box; the original is left as it was."""
+    config = llm or server_llm
+    if not config.is_configured:
+        raise gr.Error("No LLM endpoint is configured: open *LLM settings* or start the server with "
+                       "OPENAI_API_KEY / OPENSORA_LLM_BASE_URL.", print_exception=False)
+    picture = image if mode == "i2v" else (first_image if mode == "loop" else None)
+    try:
+        if picture:
+            outcome = refine_prompt(prompt or "", "i2v", config, image_path=picture)
+        else:
+            outcome = refine_prompt(prompt or "", "t2v", config)
+    except ValueError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    if not outcome.ok:
+        raise gr.Error(f"Refinement failed: {outcome.error}", print_exception=False)
+    return outcome.refined, True

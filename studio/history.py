@@ -1,0 +1,92 @@
+"""This server's results as a gallery, with 'load these settings' to reproduce one.
+
+Results are `<stem>.mp4|.png` + `<stem>.json` pairs written by the engine (pipelines.saving). They are listed here
+directly, since pipelines.saving imports torch and the studio must not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+
+from studio.media_info import video_thumbnail
+
+log = logging.getLogger(__name__)
+MEDIA_SUFFIXES = (".mp4", ".png")
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    media: Path
+    recipe: Path
+
+
+def list_history(out_dir: str | Path, limit: int = 24) -> list[HistoryItem]:
+    """Complete results (media and recipe) in out_dir, newest first; hidden and partial files are skipped."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:
+        names = {e.name for e in entries if e.is_file() and not e.name.startswith(".")}
+    found = []
+    for name in names:
+        if not name.endswith(".json") or ".partial." in name:
+            continue
+        stem = name[:-len(".json")]
+        media = next((stem + s for s in MEDIA_SUFFIXES if stem + s in names), None)
+        if media is None:
+            continue
+        try:
+            mtime = (folder / name).stat().st_mtime_ns
+        except FileNotFoundError:
+            continue
+        found.append((mtime, stem, HistoryItem(folder / media, folder / name)))
+    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return [item for _, _, item in found[:limit]]
+
+
+def gallery_value(items: list[HistoryItem]) -> list[tuple]:
+    """(thumbnail, caption) pairs for gr.Gallery: PNG results as they are, videos as their first frame."""
+    value = []
+    for item in items:
+        try:
+            thumb = str(item.media) if item.media.suffix == ".png" else video_thumbnail(item.media)
+        except (OSError, ValueError, StopIteration, av.error.FFmpegError) as exc:
+            log.info("no thumbnail for %s: %s", item.media.name, exc)
+            continue
+        value.append((thumb, item.media.stem))
+    return value
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A result's JSON recipe, or {"error": ...} when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"error": f"cannot read {Path(path).name}: {exc}"}
+
+
+def settings_from_recipe(recipe: dict) -> dict:
+    """The shared control values that reproduce a recipe (names as in SharedControls), plus its mode."""
+    options = recipe.get("options") or {}
+    prompt = recipe.get("prompt") or {}
+    motion = options.get("motion_score")
+    values = {
+        "mode": recipe.get("mode") or options.get("mode") or "t2v",
+        "prompt": prompt.get("original") or options.get("prompt") or "",
+        "negative_prompt": prompt.get("negative") or options.get("negative_prompt") or "",
+        "resolution": options.get("resolution"), "aspect_ratio": options.get("aspect_ratio"),
+        "num_frames": options.get("num_frames"), "fps": options.get("fps"),
+        "motion_score": str(motion) if motion is not None else None,
+        "num_steps": options.get("num_steps"), "guidance": options.get("guidance"),
+        "guidance_img": options.get("guidance_img"), "seed": recipe.get("seed", options.get("seed")),
+        "randomize_seed": False,
+    }
+    if prompt.get("refined"):
+        values["refined_prompt"], values["use_refined"] = prompt["refined"], True
+    return {key: value for key, value in values.items() if value is not None}

@@ -1,0 +1,200 @@
+"""Running generations off the event thread: a pool of engines (one per device), per-session stop flags, and a
+generator that turns the engine's events into coalesced UI updates.
+
+Nothing here imports torch: engines are created by app.py and handed in, and only their public methods are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EnginePool:
+    """A fixed set of engines, one per device; a job borrows a free one and gives it back when it ends."""
+
+    def __init__(self, engines: Sequence):
+        if not engines:
+            raise ValueError("the engine pool needs at least one engine")
+        self._engines = list(engines)
+        self._free: queue.Queue = queue.Queue()
+        for engine in self._engines:
+            self._free.put(engine)
+        self._busy: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._engines)
+
+    def __iter__(self):
+        return iter(self._engines)
+
+    @property
+    def preset(self):
+        """The model preset every engine in the pool runs."""
+        return self._engines[0].preset
+
+    def check(self, options):
+        """Validate options against the preset without running (raises OptionsError)."""
+        return self._engines[0].check(options)
+
+    def acquire(self, timeout: float | None = None):
+        """Borrow a free engine, waiting up to `timeout` seconds; None when none became free."""
+        try:
+            engine = self._free.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        with self._lock:
+            self._busy.add(id(engine))
+        return engine
+
+    def try_acquire(self):
+        """Borrow a free engine without waiting, or None."""
+        try:
+            engine = self._free.get_nowait()
+        except queue.Empty:
+            return None
+        with self._lock:
+            self._busy.add(id(engine))
+        return engine
+
+    def release(self, engine) -> None:
+        """Give a borrowed engine back."""
+        with self._lock:
+            self._busy.discard(id(engine))
+        self._free.put(engine)
+
+    def is_busy(self, engine) -> bool:
+        with self._lock:
+            return id(engine) in self._busy
+
+    def unload_idle(self) -> tuple[int, int]:
+        """Unload the models of every idle engine; returns (unloaded, busy) counts."""
+        borrowed = [e for e in (self.try_acquire() for _ in self._engines) if e is not None]
+        try:
+            for engine in borrowed:
+                engine.unload()
+        finally:
+            for engine in borrowed:
+                self.release(engine)
+        return len(borrowed), len(self._engines) - len(borrowed)
+
+
+@dataclass
+class SessionJob:
+    """One browser session's job flags, kept in gr.State (each session gets its own copy)."""
+
+    stop_requested: bool = False
+    running: bool = False
+
+    def start(self) -> None:
+        self.stop_requested, self.running = False, True
+
+    def request_stop(self) -> bool:
+        """Ask the running job to stop at its next step; returns whether one was running."""
+        self.stop_requested = True
+        return self.running
+
+    def finish(self) -> None:
+        self.running = False
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """What the UI shows about a job at one moment; `preview` is only set when a new one arrived."""
+
+    stage: str = "queued"
+    message: str = "Waiting for a free device"
+    step: int = 0
+    total: int = 0
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    preview: object | None = None  # numpy uint8 (H, W, 3)
+    device: str = ""
+    result: object | None = None  # the engine's GenerationResult
+    error: BaseException | None = None
+    stopped: bool = False
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    result: object | None = None
+    error: BaseException | None = None
+
+
+def _is_stop(error: BaseException, job: SessionJob) -> bool:
+    # GenerationStopped lives in pipelines.sampling (torch), so it is recognised by name here.
+    return type(error).__name__ == "GenerationStopped" or job.stop_requested
+
+
+def _work(pool: EnginePool, options, job: SessionJob, events: queue.Queue) -> None:
+    engine = None
+    try:
+        while engine is None:
+            if job.stop_requested:
+                raise InterruptedError("stopped while waiting for a free device")
+            engine = pool.acquire(timeout=0.5)
+        events.put(("device", str(getattr(engine, "device", ""))))
+        result = engine.run(options, on_event=events.put, should_stop=lambda: job.stop_requested)
+        events.put(_Outcome(result=result))
+    except BaseException as exc:  # the UI reports it; the worker thread must never die silently
+        events.put(_Outcome(error=exc))
+    finally:
+        if engine is not None:
+            pool.release(engine)
+
+
+def _apply(update: JobUpdate, item, job: SessionJob) -> JobUpdate:
+    if isinstance(item, _Outcome):
+        if item.error is not None and _is_stop(item.error, job):
+            return replace(update, stage="stopped", message="Stopped", stopped=True, done=True)
+        if item.error is not None:
+            return replace(update, stage="error", message=str(item.error), error=item.error, done=True)
+        return replace(update, stage="done", message="Done", result=item.result, done=True)
+    if isinstance(item, tuple) and item[0] == "device":
+        return replace(update, device=item[1], message="Starting")
+    kind = getattr(item, "kind", None)
+    if kind == "stage":
+        return replace(update, stage=item.stage, message=item.message)
+    if kind == "progress":
+        return replace(update, step=item.step, total=item.total, elapsed_s=item.elapsed_s, eta_s=item.eta_s,
+                       message=f"Sampling {item.step}/{item.total}")
+    if kind == "preview":
+        return replace(update, preview=item.image)
+    return update  # the engine's own "result" event: the outcome carries it
+
+
+def run_job(pool: EnginePool, options, job: SessionJob, poll_s: float = 0.2) -> Iterator[JobUpdate]:
+    """Run one request on a free engine in a worker thread and yield updates (several events -> one update).
+
+    Stopping: `job.request_stop()` ends the run within one sampling step. If the consumer stops iterating (the
+    event was cancelled), the job is asked to stop too, so the engine is never left running for nobody.
+    """
+    events: queue.Queue = queue.Queue()
+    worker = threading.Thread(target=_work, args=(pool, options, job, events), name="studio-job", daemon=True)
+    update = JobUpdate()
+    worker.start()
+    try:
+        yield update
+        while not update.done:
+            try:
+                batch = [events.get(timeout=poll_s)]
+            except queue.Empty:
+                continue
+            while not events.empty():
+                batch.append(events.get_nowait())
+            update = replace(update, preview=None)
+            for item in batch:
+                update = _apply(update, item, job)
+            yield update
+    finally:
+        if worker.is_alive():
+            job.request_stop()
+            worker.join(timeout=0.1)
+

@@ -1,0 +1,217 @@
+"""build_demo: the whole studio as one gr.Blocks, wiring tabs, shared controls, outputs, panels and history."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from studio.controls import (SharedControls, aspect_for_image, build_prompt_block, build_settings_block, llm_status,
+                             session_llm, wire_settings)
+from studio.handlers import make_generate, make_precheck, make_validator, refine, stop_job, status_html
+from studio.history import gallery_value, list_history, read_recipe, settings_from_recipe
+from studio.jobs import EnginePool, JobUpdate, SessionJob
+from studio.media_info import image_size, video_size
+from studio.panels import build_panels, memory_markdown, param_rows
+from studio.settings import StudioSettings
+from studio.tabs import build_extend, build_i2v, build_loop, build_t2v, load_examples
+
+log = logging.getLogger(__name__)
+
+STUDIO_CSS = """
+#job-status .job-status { padding: 6px 10px; border-radius: 8px; background: var(--block-background-fill); }
+#untrained-notice { border-left: 4px solid #d97706; padding-left: 10px; }
+#memory-panel p { margin: 2px 0; font-size: 0.92em; }
+"""
+
+
+def studio_theme():
+    """The theme app.py passes to launch() (Gradio 6 takes theme and css there, not in Blocks)."""
+    return gr.themes.Soft()
+
+
+def _header(pool: EnginePool, settings: StudioSettings) -> str:
+    preset = pool.preset
+    devices = ", ".join(str(getattr(engine, "device", "?")) for engine in pool)
+    return (f"# {settings.title}\nModel preset **{preset.name}**: {preset.description or ''}  \n"
+            f"{len(pool)} worker(s) on {devices}; jobs queue up and show their position.")
+
+
+def _untrained_notice(preset) -> str:
+    return ("⚠️ **Untrained weights.** The preset *{}* has random (or not yet trained) weights: videos will be noise "
+            "until it is trained. Everything else (controls, progress, stop, history) works as usual."
+            .format(preset.name))
+
+
+def _pick_aspect(preset, reader):
+    def pick(path):
+        if not path:
+            return gr.skip()
+        try:
+            height, width = reader(path)
+            return aspect_for_image(height, width, preset)
+        except Exception as exc:  # a bad upload is reported when generating; here we just keep the choice
+            log.info("could not read the upload's size: %s", exc)
+            return gr.skip()
+    return pick
+
+
+def _build_outputs() -> dict:
+    status = gr.HTML(status_html(JobUpdate(stage="idle", message="Ready")), label="Status", elem_id="job-status")
+    video = gr.Video(label="Result", buttons=["download"], loop=True, autoplay=True, interactive=False,
+                     elem_id="result-video")
+    with gr.Row():
+        stop = gr.Button("■ Stop", variant="stop", elem_id="stop")
+        send = gr.Button("Send to Extend →", elem_id="send-to-extend")
+    preview = gr.Image(label="Preview", interactive=False, height=140,
+                       elem_id="preview")
+    with gr.Accordion("Recipe (JSON: every setting, to reproduce the result)", open=False):
+        recipe = gr.JSON(label="Recipe", elem_id="recipe")
+    return {"status": status, "video": video, "stop": stop, "send": send, "preview": preview, "recipe": recipe}
+
+
+def _wire_history(demo, shared: SharedControls, tabs_component, parts: dict, settings: StudioSettings, video):
+    gallery, paths_state, selected, recipe_view, load = (parts[k] for k in ("gallery", "paths", "selected",
+                                                                            "recipe", "load"))
+
+    def refresh():
+        items = list_history(settings.output_dir, settings.history_limit)
+        value = gallery_value(items)
+        shown = {caption for _, caption in value}
+        return value, [(str(item.recipe), str(item.media)) for item in items if item.media.stem in shown]
+
+    def on_select(paths, evt: gr.SelectData):
+        if not paths or evt.index is None or evt.index >= len(paths):
+            return gr.skip(), None, gr.skip()
+        recipe, media = paths[evt.index]
+        return read_recipe(recipe), recipe, media if media.endswith(".mp4") else gr.skip()
+
+    def load_settings(path):
+        if not path:
+            gr.Warning("Select a result in the gallery first.")
+            return [gr.skip()] * (len(SharedControls.__dataclass_fields__) + 1)
+        values = settings_from_recipe(read_recipe(path))
+        updates = [values.get(name, gr.skip()) for name in SharedControls.__dataclass_fields__]
+        mode = values.get("mode")
+        return updates + [gr.Tabs(selected=mode) if mode else gr.skip()]
+
+    parts["refresh"].click(refresh, None, [gallery, paths_state], queue=False, api_visibility="private")
+    # Selecting a result also puts it in the player, so it can be downloaded or sent to Extend.
+    gallery.select(on_select, paths_state, [recipe_view, selected, video], queue=False, api_visibility="private")
+    load.click(load_settings, selected, shared.inputs() + [tabs_component], api_visibility="private")
+    demo.load(refresh, None, [gallery, paths_state], queue=False, api_visibility="private")
+    return refresh
+
+
+def _build_history() -> dict:
+    with gr.Accordion("History: results on this server", open=True):
+        gallery = gr.Gallery(label="Results (newest first): select one to play it and see its recipe", columns=8,
+                             height=220, allow_preview=False, object_fit="contain", elem_id="history")
+        with gr.Row():
+            refresh = gr.Button("Refresh", size="sm")
+            load = gr.Button("Load these settings", size="sm", elem_id="load-settings")
+        recipe = gr.JSON(label="Selected result's recipe", elem_id="history-recipe")
+    return {"gallery": gallery, "refresh": refresh, "load": load, "recipe": recipe,
+            "paths": gr.State([]), "selected": gr.State(None)}
+
+
+def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
+    """The studio for an EnginePool (or a list of engines, or one engine); call .launch() on the result."""
+    if isinstance(pool, (list, tuple)):
+        pool = EnginePool(list(pool))
+    elif not hasattr(pool, "acquire"):  # duck-typed: reload mode re-imports studio.jobs, so isinstance would fail
+        pool = EnginePool([pool])
+    settings = settings or StudioSettings()
+    preset = pool.preset
+    examples = load_examples(Path(settings.examples_dir))
+    with gr.Blocks(title=settings.title, delete_cache=(3600, 86400)) as demo:
+        job_state, llm_state, mode_state = gr.State(SessionJob()), gr.State(None), gr.State("t2v")
+        gr.Markdown(_header(pool, settings))
+        if not preset.trained:
+            gr.Markdown(_untrained_notice(preset), elem_id="untrained-notice")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                prompt_parts, refine_ctl = build_prompt_block(settings.llm)
+                prompt = prompt_parts["prompt"]
+                with gr.Tabs(selected="t2v") as tabs:
+                    tab_list = [build(prompt, examples) for build in (build_t2v, build_i2v, build_loop, build_extend)]
+                settings_parts, duration = build_settings_block(preset)
+            with gr.Column(scale=4):
+                out = _build_outputs()
+                panels = build_panels(pool, settings.memory_refresh_s)
+        history = _build_history()
+        shared = SharedControls(**prompt_parts, **settings_parts)
+        wire_settings(preset, shared, duration)
+        refresh_history = _wire_history(demo, shared, tabs, history, settings, out["video"])
+        ui = SimpleNamespace(tabs=tabs, tab_list=tab_list, shared=shared, out=out, panels=panels, history=history,
+                             refresh_history=refresh_history, job=job_state, llm=llm_state, mode=mode_state,
+                             refine=refine_ctl)
+        events = _wire_generation(pool, settings, ui)
+        _wire_result_buttons(ui, events)
+        _wire_refine(settings, ui)
+        demo.load(lambda: (memory_markdown(pool), param_rows(pool)), None, [panels.memory, panels.params],
+                  queue=False, api_visibility="private")
+    demo.queue(max_size=settings.queue_size)
+    return demo
+
+
+def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
+    """Each tab's Generate: a pre-check into the status panel, then the validated, queued, named endpoint."""
+    shared, out = ui.shared, ui.out
+    outputs = [out["video"], out["recipe"], shared.seed, out["status"], out["preview"]]
+    events = []
+    for tab in ui.tab_list:
+        handler = make_generate(pool, tab.mode, settings.llm)
+        if settings.gpu_decorator is not None:
+            handler = settings.gpu_decorator(handler)
+        inputs = tab.inputs + shared.inputs() + [ui.job, ui.llm]
+        # The pre-check writes a refusal into the status panel (image and video inputs cannot show validation
+        # messages); the validator then refuses the same request before it is queued, for API callers too.
+        event = tab.button.click(make_precheck(pool, tab.mode), inputs, out["status"], queue=False,
+                                 api_visibility="private", show_progress="hidden").then(
+            handler, inputs, outputs, api_name=tab.mode, concurrency_id="gpu", concurrency_limit=len(pool),
+            validator=make_validator(pool, tab.mode), show_progress="full", show_progress_on=[out["video"]])
+        event.then(ui.refresh_history, None, [ui.history["gallery"], ui.history["paths"]], queue=False,
+                   api_visibility="private").then(lambda: param_rows(pool), None, ui.panels.params, queue=False,
+                                                  api_visibility="private")
+        events.append(event)
+        tab.tab.select(lambda mode=tab.mode: mode, None, ui.mode, queue=False, api_visibility="private")
+        for upload in tab.uploads:
+            reader = video_size if tab.mode == "extend" else image_size
+            upload.upload(_pick_aspect(pool.preset, reader), upload, shared.aspect_ratio, queue=False,
+                          api_visibility="private")
+    return events
+
+
+def _wire_result_buttons(ui, events: list) -> None:
+    """Stop (this session's running job, plus queued ones) and Send to Extend."""
+    out = ui.out
+    out["stop"].click(stop_job, ui.job, out["status"], queue=False, api_name="stop", cancels=events)
+    extend_video = next(tab for tab in ui.tab_list if tab.mode == "extend").inputs[0]
+
+    def send_to_extend(path):
+        if not path:
+            gr.Warning("There is no result to send yet: generate a video first.")
+            return gr.skip(), gr.skip(), gr.skip()
+        return path, gr.Tabs(selected="extend"), "extend"
+
+    out["send"].click(send_to_extend, out["video"], [extend_video, ui.tabs, ui.mode], api_visibility="private")
+
+
+def _wire_refine(settings: StudioSettings, ui) -> None:
+    """LLM settings per session (the key stays on the server, never echoed) and the Refine button."""
+    ctl, by_mode = ui.refine, {tab.mode: tab for tab in ui.tab_list}
+
+    def update_llm(base_url, model, api_key):
+        config = session_llm(settings.llm, base_url, model, api_key)
+        return config, gr.Button(interactive=config.is_configured), llm_status(config)
+
+    for box in (ctl.base_url, ctl.model, ctl.api_key):
+        box.change(update_llm, [ctl.base_url, ctl.model, ctl.api_key], [ui.llm, ctl.button, ctl.status],
+                   queue=False, api_visibility="private")
+    ctl.button.click(lambda p, m, i, f, llm: refine(p, m, i, f, llm, settings.llm),
+                     [ui.shared.prompt, ui.mode, by_mode["i2v"].inputs[0], by_mode["loop"].inputs[0], ui.llm],
+                     [ui.shared.refined_prompt, ui.shared.use_refined], concurrency_id="llm", concurrency_limit=4,
+                     api_visibility="private")

@@ -1,0 +1,53 @@
+"""Cheap facts about uploaded media for validation before queueing (PyAV and PIL only, no torch)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from pipelines.options import OptionsError
+
+
+def count_video_frames(path: str | Path) -> int:
+    """Frames in a clip (the container's count, or a decode when the container does not say)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise OptionsError(f"{Path(path).name} has no video stream")
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for _ in container.decode(stream))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise OptionsError(f"cannot read the clip {Path(path).name}: {exc}") from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file."""
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def video_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a clip's first video stream."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.height, stream.codec_context.width
+
+
+def video_thumbnail(path: str | Path, max_side: int = 192) -> np.ndarray:
+    """The first frame of a clip as uint8 (H, W, 3), at most max_side pixels (browsers paint no <video> poster)."""
+    path = Path(path)
+    return _cached_thumbnail(str(path), path.stat().st_mtime_ns, max_side)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_thumbnail(path: str, mtime_ns: int, max_side: int) -> np.ndarray:
+    with av.open(path) as container:
+        frame = next(container.decode(video=0)).to_image()
+    frame.thumbnail((max_side, max_side))
+    return np.asarray(frame.convert("RGB"))

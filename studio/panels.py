@@ -1,0 +1,85 @@
+"""Panels beside the outputs: memory (refreshed by a timer outside the GPU queue), parameters, and unload."""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+
+import gradio as gr
+
+from studio.jobs import EnginePool
+from studio.units import format_bytes, format_count
+
+log = logging.getLogger(__name__)
+PARAM_HEADERS = ["component", "parameters", "trainable", "dtype", "device", "checkpoint"]
+
+
+def memory_markdown(pool: EnginePool) -> str:
+    """One block per engine: device, stage, device or host memory, and the peak of the last run."""
+    blocks = []
+    for index, engine in enumerate(pool):
+        try:
+            stats = engine.memory_stats()
+        except Exception as exc:  # a panel must never take the page down
+            log.warning("memory stats failed: %s", exc)
+            blocks.append(f"**Worker {index}**: memory stats unavailable ({html.escape(str(exc))})")
+            continue
+        state = engine.state
+        lines = [f"**{html.escape(stats.device_name)}** ({stats.device_type}) · stage: `{state.stage}`"]
+        if stats.device_type == "cuda":
+            lines.append(f"GPU allocated {format_bytes(stats.allocated_bytes)} · reserved "
+                         f"{format_bytes(stats.reserved_bytes)} · peak {format_bytes(stats.peak_allocated_bytes)} · "
+                         f"total {format_bytes(stats.total_bytes)}")
+        lines.append(f"Process RSS {format_bytes(stats.process_rss_bytes)} · system RAM "
+                     f"{format_bytes(stats.system_used_bytes)} / {format_bytes(stats.system_total_bytes)}")
+        peak = state.last_peak_bytes
+        lines.append(f"Peak of the last run: {format_bytes(peak) if peak else 'no run yet'}")
+        blocks.append("  \n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def param_rows(pool: EnginePool) -> list[list]:
+    """Rows for the parameters table (the first engine's; all engines hold the same preset)."""
+    engine = next(iter(pool))
+    rows = []
+    for stats in engine.param_stats():
+        rows.append([stats.name, format_count(stats.total), format_count(stats.trainable), stats.dtype or "-",
+                     stats.device or "-", stats.checkpoint or "-"])
+    return rows or [["(models not loaded: they load with the next run)", "", "", "", "", ""]]
+
+
+def unload_models(pool: EnginePool) -> tuple[str, list[list]]:
+    """Free the memory of every idle engine; busy ones are left running."""
+    unloaded, busy = pool.unload_idle()
+    message = f"Unloaded {unloaded} worker(s); the models load again with the next run."
+    if busy:
+        message += f" {busy} worker(s) are running a job and were left as they are."
+    return message, param_rows(pool)
+
+
+@dataclass
+class Panels:
+    memory: gr.Markdown
+    timer: gr.Timer
+    params: gr.Dataframe
+    unload: gr.Button
+    unload_status: gr.Markdown
+
+
+def build_panels(pool: EnginePool, refresh_s: float) -> Panels:
+    """Memory panel with its timer, the parameters table and the unload button."""
+    with gr.Accordion("Memory", open=True):
+        memory = gr.Markdown(memory_markdown(pool), elem_id="memory-panel")
+        timer = gr.Timer(refresh_s)
+        with gr.Row():
+            unload = gr.Button("Free memory / unload models", size="sm", elem_id="unload")
+        unload_status = gr.Markdown("")
+    with gr.Accordion("Parameters", open=False):
+        params = gr.Dataframe(value=param_rows(pool), headers=PARAM_HEADERS, interactive=False, wrap=True,
+                              elem_id="params-panel")
+    # Outside the GPU queue: the panel keeps refreshing while a long job holds the device.
+    timer.tick(lambda: memory_markdown(pool), None, memory, queue=False, api_visibility="private",
+               show_progress="hidden")
+    unload.click(lambda: unload_models(pool), None, [unload_status, params], queue=False, api_visibility="private")
+    return Panels(memory, timer, params, unload, unload_status)

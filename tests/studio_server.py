@@ -1,0 +1,33 @@
+"""Launch the studio in-process on a free local port with the tiny preset (shared by the studio tests)."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_studio(out: Path, preset=None, **sampling):
+    """Yield (url, pool, settings) for a launched studio (the tiny preset unless one is given); closes it after."""
+    from pipelines.engine import Engine
+    from studio import STUDIO_CSS, EnginePool, StudioSettings, build_demo, studio_theme
+    from tests.tiny_preset import tiny_preset
+
+    pool = EnginePool([Engine(preset or tiny_preset(**sampling), output_dir=out).load()])
+    settings = StudioSettings(output_dir=out, memory_refresh_s=2.0)
+    demo = build_demo(pool, settings)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=settings.served_paths(), theme=studio_theme(), css=STUDIO_CSS)
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", pool=pool, settings=settings, out=out)
+    finally:
+        demo.close()

@@ -1,0 +1,63 @@
+"""The studio in a real browser: Debian Chromium driven by Playwright (see ENVIRONMENT.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.studio_server import running_studio
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "assets" / "screenshot.png"
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if not CHROMIUM.exists():
+    pytest.skip("Debian Chromium is missing: apt-get install -y chromium", allow_module_level=True)
+
+VIDEO_PLAYABLE = "() => { const v = document.querySelector('#result-video video'); return !!v && v.readyState >= 2; }"
+
+
+def screenshot_preset():
+    """The embedded model for README screenshots (UPDATE_SCREENSHOT=1) when it exists; else the tiny test preset."""
+    if os.environ.get("UPDATE_SCREENSHOT") != "1":
+        return None
+    from pipelines.presets import ASSETS_DIR, DEFAULT_PRESET, get_preset
+
+    return get_preset(DEFAULT_PRESET) if (ASSETS_DIR / DEFAULT_PRESET / "config.json").exists() else None
+
+
+def test_generate_send_to_extend_and_open_loop_in_the_browser(tmp_path):
+    with running_studio(tmp_path / "outputs", preset=screenshot_preset()) as server, \
+            sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1100})
+            page.goto(server.url, timeout=120_000)
+            prompt = page.locator("#prompt textarea")
+            prompt.wait_for(timeout=120_000)
+            prompt.fill("a red circle moving right on a black background")
+            page.locator("#generate-t2v").click()
+            page.wait_for_function(VIDEO_PLAYABLE, timeout=180_000)
+            assert re.search(r"\d", page.locator("#memory-panel").inner_text())
+            assert "Done" in page.locator("#job-status").inner_text()
+            page.locator("#history .thumbnail-item").first.wait_for(timeout=60_000)  # the history gallery refreshed
+            page.wait_for_timeout(1500)  # let the thumbnails paint for the screenshot
+            shot = tmp_path / "studio.png"
+            page.screenshot(path=str(shot), full_page=True)
+            if os.environ.get("UPDATE_SCREENSHOT") == "1":
+                shutil.copyfile(shot, SCREENSHOT)
+            page.locator("#send-to-extend").click()
+            page.locator("#extend-video video").wait_for(timeout=60_000)
+            assert page.get_by_role("tab", name="Extend").get_attribute("aria-selected") == "true"
+            page.get_by_role("tab", name="Loop").click()
+            for element in ("#loop-first", "#loop-last", "#generate-loop"):
+                page.locator(element).wait_for(state="visible", timeout=30_000)
+        finally:
+            browser.close()

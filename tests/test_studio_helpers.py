@@ -1,0 +1,228 @@
+"""The studio's logic without a server: the engine pool, job streaming and stop, options, history, LLM settings."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipelines.options import OptionsError
+from pipelines.presets import get_preset
+from pipelines.prompt_refine import LLMConfig
+from studio.controls import (aspect_choices, aspect_for_image, duration_text, frames_from_seconds, llm_status,
+                             parse_motion, session_llm)
+from studio.handlers import _field_for, build_options, refine, stop_job
+from studio.history import list_history, settings_from_recipe
+from studio.jobs import EnginePool, SessionJob, run_job
+from studio.units import format_bytes, format_count, format_seconds
+from tests.fake_llm import FakeLLMServer
+
+
+class GenerationStopped(Exception):
+    """Same name as pipelines.sampling's, which the studio recognises without importing torch."""
+
+
+class FakeEngine:
+    """Emits a stage, then progress and previews per step; honours should_stop like the real engine."""
+
+    def __init__(self, steps: int = 5, delay_s: float = 0.0, fail: Exception | None = None):
+        self.preset, self.device, self.steps, self.delay_s, self.fail = get_preset("opensora-v2-256px"), "cpu", \
+            steps, delay_s, fail
+        self.state = SimpleNamespace(stage="idle", last_peak_bytes=None)
+        self.unloaded = 0
+
+    def param_stats(self):
+        return []
+
+    def memory_stats(self):
+        return SimpleNamespace(device_name="Fake CPU", device_type="cpu", allocated_bytes=None, reserved_bytes=None,
+                               peak_allocated_bytes=None, total_bytes=None, process_rss_bytes=2**30,
+                               system_used_bytes=2**32, system_total_bytes=2**34)
+
+    def check(self, options):
+        return options
+
+    def run(self, options, on_event, should_stop):
+        on_event(SimpleNamespace(kind="stage", stage="sample", message="Sampling"))
+        for step in range(1, self.steps + 1):
+            if should_stop():
+                raise GenerationStopped("stopped")
+            if self.fail is not None:
+                raise self.fail
+            on_event(SimpleNamespace(kind="progress", step=step, total=self.steps, elapsed_s=step, eta_s=1.0))
+            on_event(SimpleNamespace(kind="preview", image=np.full((2, 2, 3), step, np.uint8), step=step))
+            time.sleep(self.delay_s)
+        return SimpleNamespace(seed=1, video_path="x.mp4")
+
+    def unload(self):
+        self.unloaded += 1
+
+
+def test_pool_lends_each_engine_once_and_unloads_only_idle_ones():
+    engines = [FakeEngine(), FakeEngine()]
+    pool = EnginePool(engines)
+    first = pool.acquire(timeout=0.1)
+    assert pool.is_busy(first) and pool.try_acquire() is not None and pool.acquire(timeout=0.05) is None
+    pool.release(engines[1] if first is engines[0] else engines[0])
+    assert pool.unload_idle() == (1, 1) and first.unloaded == 0
+    with pytest.raises(ValueError):
+        EnginePool([])
+
+
+def test_two_engines_run_two_jobs_at_once():
+    pool = EnginePool([FakeEngine(steps=30, delay_s=0.01), FakeEngine(steps=30, delay_s=0.01)])
+    busy_peak = []
+
+    def consume():
+        for _ in run_job(pool, object(), SessionJob()):
+            busy_peak.append(sum(pool.is_busy(engine) for engine in pool))
+
+    threads = [threading.Thread(target=consume) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert max(busy_peak) == 2
+
+
+def test_demo_wiring_named_endpoints_gpu_concurrency_and_a_private_timer(tmp_path):
+    import gradio as gr
+
+    from studio import StudioSettings, build_demo
+
+    pool = EnginePool([FakeEngine(), FakeEngine()])
+    settings = StudioSettings(output_dir=tmp_path)
+    demo = build_demo(pool, settings)
+    fns = {fn.api_name: fn for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert {"t2v", "i2v", "loop", "extend", "stop"} <= set(fns)
+    for mode in ("t2v", "i2v", "loop", "extend"):
+        assert fns[mode].concurrency_id == "gpu" and fns[mode].concurrency_limit == 2
+        assert fns[mode].validator is not None
+    timers = [b for b in demo.blocks.values() if isinstance(b, gr.Timer)]
+    ticks = [fn for fn in demo.fns.values() if any(target[0] == timers[0]._id for target in fn.targets)]
+    assert ticks and all(not fn.queue and fn.api_visibility == "private" for fn in ticks)
+    videos = [b for b in demo.blocks.values() if isinstance(b, gr.Video) and b.elem_id == "result-video"]
+    assert videos[0].buttons == ["download"] and videos[0].loop
+    assert "Fake CPU" in next(b for b in demo.blocks.values() if b.elem_id == "memory-panel").value
+    assert settings.served_paths() == [str(tmp_path.resolve()), str(settings.assets_dir.resolve())]
+    assert demo._queue.max_size == settings.queue_size
+
+
+def test_run_job_streams_progress_and_previews_then_the_result():
+    updates = list(run_job(EnginePool([FakeEngine(steps=4)]), object(), SessionJob()))
+    assert updates[0].stage == "queued" and updates[-1].done and updates[-1].result.seed == 1
+    assert max(u.step for u in updates) == 4 and any(u.preview is not None for u in updates)
+
+
+def test_stop_ends_the_job_within_a_step_and_frees_the_engine():
+    pool, job = EnginePool([FakeEngine(steps=500, delay_s=0.01)]), SessionJob()
+    stopper = None
+    for update in run_job(pool, object(), job):
+        if update.step >= 1 and stopper is None:
+            stopper = threading.Timer(0.0, job.request_stop)
+            stopper.start()
+        last = update
+    assert last.stopped and last.error is None and last.step < 500
+    assert pool.try_acquire() is not None
+
+
+def test_closing_the_stream_early_asks_the_job_to_stop():
+    engine, job = FakeEngine(steps=500, delay_s=0.01), SessionJob()
+    pool = EnginePool([engine])
+    stream = run_job(pool, object(), job)
+    next(stream)
+    stream.close()
+    assert job.stop_requested
+    deadline = time.monotonic() + 5
+    while pool.is_busy(engine) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not pool.is_busy(engine)
+
+
+def test_engine_errors_are_reported_not_raised_in_the_worker():
+    updates = list(run_job(EnginePool([FakeEngine(fail=MemoryError("out of GPU memory"))]), object(), SessionJob()))
+    assert isinstance(updates[-1].error, MemoryError) and not updates[-1].stopped
+
+
+def test_stop_job_says_whether_anything_was_running():
+    job = SessionJob()
+    assert "Nothing is running" in stop_job(job)
+    job.start()
+    assert "Stopped" in stop_job(job) and job.stop_requested
+
+
+def test_build_options_uses_the_refined_prompt_only_when_asked():
+    values = {"prompt": "a ball", "refined_prompt": "A red ball rolls.", "use_refined": False, "seed": 3,
+              "randomize_seed": False, "motion_score": "auto"}
+    assert build_options("t2v", values).prompt == "a ball"
+    options = build_options("t2v", {**values, "use_refined": True})
+    assert options.prompt == "A red ball rolls." and options.seed == 3 and options.motion_score == "dynamic"
+    assert build_options("t2v", {**values, "randomize_seed": True}).seed is None
+
+
+def test_build_options_maps_tab_inputs():
+    assert build_options("i2v", {"prompt": "p", "image": "a.png", "image_position": "tail"}).i2v_position == "tail"
+    extend = build_options("extend", {"prompt": "p", "video": "c.mp4", "direction": "backward", "easy": True})
+    assert extend.references == ("c.mp4",) and extend.extend_direction == "backward" and extend.extend_easy
+    assert build_options("loop", {"prompt": "p", "first_image": "a.png", "last_image": "b.png"}).references == \
+        ("a.png", "b.png")
+    with pytest.raises(OptionsError, match="first image"):
+        build_options("loop", {"prompt": "p", "first_image": None, "last_image": "b.png"})
+
+
+def test_validation_messages_point_at_the_right_input():
+    assert _field_for("the clip has 9 frames; extending needs at least 33", "extend") == "video"
+    assert _field_for("set the number of frames to at least 37", "extend") == "num_frames"
+    assert _field_for("Image to video needs exactly one image: upload one", "i2v") == "image"
+    assert _field_for("the prompt is empty", "t2v") == "prompt"
+
+
+def test_size_and_duration_helpers_show_real_numbers():
+    preset = get_preset("opensora-v2-256px")
+    labels = dict((value, label) for label, value in aspect_choices(preset, "256px"))
+    assert labels["16:9"].endswith("px") and "×" in labels["16:9"]
+    assert frames_from_seconds(2.0, 24, 129) == 49 and frames_from_seconds(100, 24, 129) == 129
+    assert "2.04 s" in duration_text(49, 24) and "4k+1" in duration_text(50, 24)
+    assert aspect_for_image(720, 1280, preset) == "16:9" and aspect_for_image(500, 500, preset) == "1:1"
+    assert parse_motion("auto") == "auto" and parse_motion("5") == 5 and parse_motion(None) is None
+
+
+def test_session_llm_overrides_and_never_shows_the_key():
+    server = LLMConfig()
+    assert not server.is_configured and "off" in llm_status(server)
+    config = session_llm(server, "http://localhost:9/v1", "", "sk-secret-key-123456789")
+    assert config.is_configured and config.model == server.model
+    assert "sk-secret" not in llm_status(config) and "sk-secret" not in repr(config)
+
+
+def test_refine_fills_the_separate_box_through_an_openai_compatible_server():
+    with FakeLLMServer(answer="A red circle glides right.") as server:
+        config = LLMConfig(base_url=server.base_url, api_key="sk-test", timeout_s=5)
+        assert refine("a red circle", "t2v", None, None, config, LLMConfig()) == ("A red circle glides right.", True)
+
+
+def test_history_lists_complete_results_newest_first_and_reloads_their_settings(tmp_path):
+    recipe = {"mode": "i2v", "seed": 7, "prompt": {"original": "a ball", "negative": "blur", "refined": None},
+              "options": {"resolution": "256px", "aspect_ratio": "1:1", "num_frames": 33, "fps": 24,
+                          "motion_score": 3, "num_steps": 20, "guidance": 5.0, "guidance_img": 2.0}}
+    for stem in ("a", "b"):
+        (tmp_path / f"{stem}.json").write_text(json.dumps(recipe))
+        (tmp_path / f"{stem}.mp4").write_bytes(b"")
+        time.sleep(0.01)
+    (tmp_path / "orphan.json").write_text("{}")
+    (tmp_path / ".c.partial.json").write_text("{}")
+    items = list_history(tmp_path)
+    assert [item.media.name for item in items] == ["b.mp4", "a.mp4"]
+    values = settings_from_recipe(recipe)
+    assert values["mode"] == "i2v" and values["seed"] == 7 and values["randomize_seed"] is False
+    assert values["motion_score"] == "3" and values["negative_prompt"] == "blur" and values["num_frames"] == 33
+
+
+def test_units_read_well():
+    assert format_bytes(1536) == "1.50 KiB" and format_bytes(None) == "n/a"
+    assert format_count(11_890_000_000) == "11.89B" and format_count(512) == "512"
+    assert format_seconds(65) == "1 min 05 s" and format_seconds(None) == "?"
