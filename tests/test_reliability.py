@@ -1,0 +1,156 @@
+"""Hold up under load and bad input, through the API a `gradio_client` user has (tiny preset, loopback only)."""
+
+from __future__ import annotations
+
+import gc
+import re
+import json
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError, ValidationError
+from PIL import Image
+
+from pipelines.media import write_video
+from tests.studio_server import running_studio
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+FAST = dict(negative_prompt="", refined_prompt="", num_steps=2, randomize_seed=False)
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    with running_studio(tmp_path_factory.mktemp("outputs")) as server:
+        server.client = Client(server.url, verbose=False)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.png").write_text("this is not an image")
+    good = d / "good.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(good)
+    (d / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(d / "good.jpg")
+    (d / "truncated.jpg").write_bytes((d / "good.jpg").read_bytes()[:200])
+    Image.new("RGB", (1, 1)).save(d / "tiny.png")
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (d / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
+    Image.new("RGB", (96, 64), (10, 200, 10)).save(d / "wide.png")
+    (d / "text.mp4").write_text("not a video")
+    clip = np.zeros((41, 64, 64, 3), np.uint8)
+    write_video(clip, d / "clip.mp4", fps=24)
+    (d / "truncated.mp4").write_bytes((d / "clip.mp4").read_bytes()[:300])
+    write_video(clip[:1], d / "one.mp4", fps=24)
+    write_video(clip[:10], d / "ten.mp4", fps=24)
+    return d
+
+
+def call(studio, endpoint, **kwargs):
+    return studio.client.predict(**{**FAST, "seed": 1, **kwargs}, api_name=endpoint)
+
+
+# Sliders and dropdowns check their own range before our validator runs: Gradio's refusal then names the bound.
+CASES = [
+    ("empty prompt", "/t2v", dict(prompt=""), "prompt is empty"),
+    ("whitespace prompt", "/t2v", dict(prompt="   \n\t "), "prompt is empty"),
+    ("frames not 4k+1", "/t2v", dict(prompt="x", num_frames=10), "4k\\+1"),
+    ("zero frames", "/t2v", dict(prompt="x", num_frames=0), "frames|less than minimum|greater than maximum"),
+    ("negative frames", "/t2v", dict(prompt="x", num_frames=-3), "frames|less than minimum|greater than maximum"),
+    ("too many frames", "/t2v", dict(prompt="x", num_frames=1001), "frames|less than minimum|greater than maximum"),
+    ("negative guidance", "/t2v", dict(prompt="x", guidance=-2.0), "guidance|less than minimum|greater than maximum"),
+    ("zero steps", "/t2v", dict(prompt="x", num_steps=0), "steps|less than minimum|greater than maximum"),
+    ("huge steps", "/t2v", dict(prompt="x", num_steps=100000), "steps|less than minimum|greater than maximum"),
+    ("unknown resolution", "/t2v", dict(prompt="x", resolution="8k"), "resolution|not in the list of choices"),
+    ("missing image", "/i2v", dict(prompt="x", image=None), "image"),
+    ("0-byte image", "/i2v", dict(prompt="x", image="empty.png"), "empty|0 bytes|image"),
+    ("not an image", "/i2v", dict(prompt="x", image="text.png"), "image"),
+    ("truncated png", "/i2v", dict(prompt="x", image="truncated.png"), "truncated|damaged|image"),
+    ("truncated jpeg", "/i2v", dict(prompt="x", image="truncated.jpg"), "truncated|damaged|image"),
+    ("1x1 image", "/i2v", dict(prompt="x", image="tiny.png"), "small"),
+    ("decompression bomb", "/i2v", dict(prompt="x", image="bomb.png"), "large|pixels|cannot identify image"),
+    ("loop sizes differ", "/loop", dict(prompt="x", first_image="good.png", last_image="wide.png"), "size"),
+    ("not a video", "/extend", dict(prompt="x", video="text.mp4", num_frames=37), "video"),
+    ("truncated mp4", "/extend", dict(prompt="x", video="truncated.mp4", num_frames=37), "video|frames"),
+    ("1-frame clip", "/extend", dict(prompt="x", video="one.mp4", num_frames=37), "33"),
+    ("10-frame clip", "/extend", dict(prompt="x", video="ten.mp4", num_frames=37), "33"),
+]
+
+
+@pytest.mark.parametrize("endpoint,kwargs,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_api_error_and_the_next_request_works(studio, bad_files, capsys, endpoint, kwargs,
+                                                                   message):
+    kwargs = {k: handle_file(str(bad_files / v)) if k in ("image", "first_image", "last_image", "video") and v
+              else v for k, v in kwargs.items()}
+    # Our validator answers with ValidationError/AppError; a slider's own range check answers 400 with its
+    # message (gradio_client prints it and raises HTTPStatusError). Either way: refused, with a reason.
+    with pytest.raises((ValidationError, AppError, httpx.HTTPStatusError)) as caught:
+        call(studio, endpoint, **kwargs)
+    said = str(caught.value) + capsys.readouterr().out
+    assert re.search(message, said, re.IGNORECASE), said
+    assert "Traceback" not in said
+    video, recipe, *_ = call(studio, "/t2v", prompt="a red circle")
+    assert Path(video).exists() and recipe["mode"] == "t2v"
+
+
+def test_emoji_and_very_long_prompts_run(studio):
+    _, recipe, *_ = call(studio, "/t2v", prompt="🟥➡️ a red square " + "very " * 2500)
+    assert recipe["prompt"]["original"].startswith("🟥") and any("tokens" in w for w in recipe["warnings"])
+
+
+def request_for(i: int) -> tuple[str, dict]:
+    endpoint = ("/t2v", "/i2v", "/loop", "/extend")[i % 4]
+    extra = {"/t2v": {}, "/i2v": dict(image=handle_file(str(EXAMPLES / "i2v_0.png"))),
+             "/loop": dict(first_image=handle_file(str(EXAMPLES / "loop_0.png")), last_image=None),
+             "/extend": dict(video=handle_file(str(EXAMPLES / "clip_65.mp4")), num_frames=37)}[endpoint]
+    return endpoint, dict(FAST, prompt=f"request {i}", seed=1000 + i, **extra)
+
+
+def run_burst(studio, clients, first: int) -> set[str]:
+    jobs = []
+    for i in range(first, first + 16):
+        endpoint, kwargs = request_for(i)
+        jobs.append((i, endpoint, clients[i % len(clients)].submit(**kwargs, api_name=endpoint)))
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda job: (job[0], job[1], job[2].result(timeout=600)), jobs))
+    videos = set()
+    for i, endpoint, (video, recipe, seed, _status, _preview) in outcomes:
+        assert recipe["seed"] == seed == 1000 + i, "a result came back to the wrong request"
+        assert recipe["prompt"]["original"] == f"request {i}"
+        assert recipe["mode"] == endpoint.strip("/")
+        videos.add(Path(video).name)
+    assert len(videos) == 16
+    return videos
+
+
+def test_sixteen_concurrent_clients_all_finish_unmixed_and_memory_settles(studio):
+    process = psutil.Process()
+    for i in range(4):  # warm every endpoint once: first calls allocate kernels, caches and thread pools
+        endpoint, kwargs = request_for(i)
+        studio.client.predict(**kwargs, api_name=endpoint)
+    gc.collect()
+    baseline = process.memory_info().rss
+    clients = [Client(studio.url, verbose=False) for _ in range(4)]
+    first = run_burst(studio, clients, 0)
+    gc.collect()
+    after_first = process.memory_info().rss
+    second = run_burst(studio, clients, 100)
+    gc.collect()
+    after_second = process.memory_info().rss
+    assert not first & second
+    saved = [p.name for p in studio.out.glob("*.mp4")]
+    assert len(set(saved)) == len(saved) >= 32 + 4
+    burst, repeat = (after_first - baseline) / 2**20, (after_second - after_first) / 2**20
+    print(f"RSS: +{burst:.0f} MiB after the first burst, {repeat:+.0f} MiB after the second")
+    assert burst < 400 and repeat < 100  # settles: a second identical burst does not keep growing
