@@ -12,8 +12,7 @@ import collections
 import logging
 import math
 import os
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageOps, PngImagePlugin
+
+from pipelines.atomic_io import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def write_png(frame: torch.Tensor | np.ndarray, path: str | os.PathLike, metadat
     def encode(tmp_path: Path) -> None:
         Image.fromarray(pixels[0]).save(tmp_path, format="PNG", pnginfo=info)
 
-    return _write_atomically(Path(path), ".partial.png", encode)
+    return write_atomically(Path(path), ".partial.png", encode)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def write_video(
                 container.mux(stream.encode(_frame_from_array(array)))
             container.mux(stream.encode(None))  # flush the encoder's delayed frames
 
-    return _write_atomically(Path(path), ".partial.mp4", encode)
+    return write_atomically(Path(path), ".partial.mp4", encode)
 
 
 def _frame_from_array(array: np.ndarray) -> av.VideoFrame:
@@ -357,44 +358,3 @@ def _check_min_size(width: int, height: int, what: str, name: str | None = None)
     if width < MIN_SIDE or height < MIN_SIDE:
         label = f"{name}: the {what}" if name else f"the {what}"
         raise MediaError(f"{label} is too small ({width}x{height}); it must be at least {MIN_SIDE}x{MIN_SIDE} pixels.")
-
-
-def _write_atomically(path: Path, suffix: str, encode: Callable[[Path], None]) -> Path:
-    """Run `encode(tmp)` on a hidden temp file beside `path`, fsync it, then rename it into place."""
-    folder = path.parent
-    tmp_path = _create_hidden_temp(folder, path.stem, suffix)
-    try:
-        encode(tmp_path)
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    _fsync_folder(folder)
-    return path
-
-
-def _create_hidden_temp(folder: Path, stem: str, suffix: str) -> Path:
-    """Exclusively create `.<stem>.<random><suffix>` (hidden from galleries; the umask applies, unlike mkstemp)."""
-    while True:
-        candidate = folder / f".{stem}.{secrets.token_hex(4)}{suffix}"
-        try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return candidate
-        except FileExistsError:
-            continue
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Persist a rename; best effort, as some filesystems refuse to open folders."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

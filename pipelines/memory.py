@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from pipelines.units import format_bytes, format_count  # noqa: F401 - re-exported for callers
+
 logger = logging.getLogger(__name__)
 
 
@@ -106,29 +108,6 @@ def _trim_c_heap() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
             pass
-
-
-def format_bytes(n: int | None) -> str:
-    """Bytes in binary units, e.g. '1.50 GiB'; 'n/a' for None."""
-    if n is None:
-        return "n/a"
-    sign, value = ("-" if n < 0 else ""), float(abs(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{sign}{int(value)} B" if unit == "B" else f"{sign}{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def format_count(n: int) -> str:
-    """A parameter count in short form: '11.89B', '7.3M', '12.5K', '512'."""
-    if n >= 1_000_000_000:
-        return f"{n / 1e9:.2f}B"
-    if n >= 1_000_000:
-        return f"{n / 1e6:.1f}M"
-    if n >= 1_000:
-        return f"{n / 1e3:.1f}K"
-    return str(n)
 
 
 def count_params(name: str, module: torch.nn.Module, checkpoint: str | Path | None = None) -> ParamStats:

@@ -20,7 +20,7 @@ from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
 from studio.controls import AUTO_MOTION, SharedControls, parse_motion
 from studio.jobs import EnginePool, JobUpdate, SessionJob, run_job
 from studio.media_info import count_video_frames
-from studio.units import format_seconds
+from pipelines.units import format_seconds
 
 log = logging.getLogger(__name__)
 

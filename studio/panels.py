@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio.jobs import EnginePool
-from studio.units import format_bytes, format_count
+from pipelines.units import format_bytes, format_count
 
 log = logging.getLogger(__name__)
 PARAM_HEADERS = ["component", "parameters", "trainable", "dtype", "device", "checkpoint"]

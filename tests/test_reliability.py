@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import re
-import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor

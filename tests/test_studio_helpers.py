@@ -18,7 +18,7 @@ from studio.controls import (aspect_choices, aspect_for_image, duration_text, fr
 from studio.handlers import _field_for, build_options, refine, stop_job
 from studio.history import list_history, settings_from_recipe
 from studio.jobs import EnginePool, SessionJob, run_job
-from studio.units import format_bytes, format_count, format_seconds
+from pipelines.units import format_bytes, format_count, format_seconds
 from tests.fake_llm import FakeLLMServer
 
 

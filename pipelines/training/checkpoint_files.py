@@ -20,6 +20,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from pipelines.atomic_io import fsync_dir, fsync_file  # noqa: F401 - part of this module's API
+
 __all__ = [
     "capture_rng_state",
     "fsync_dir",
@@ -37,29 +39,6 @@ __all__ = [
 INDEX_NAME = "model.safetensors.index.json"
 TMP_PREFIX = ".tmp-"  # unfinished checkpoint folders; never taken for checkpoints
 _MB = 1024 * 1024
-
-
-def fsync_file(path: Path) -> None:
-    """Flush one file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; the data files were synced already
-    finally:
-        os.close(fd)
 
 
 def write_json(obj: Any, path: Path) -> None:

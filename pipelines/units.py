@@ -1,4 +1,4 @@
-"""Human-readable numbers for the panels: bytes, parameter counts, durations (no torch, unlike pipelines.memory)."""
+"""Human-readable numbers for panels and logs: bytes, parameter counts, durations (no torch: the studio uses it)."""
 
 from __future__ import annotations
 
