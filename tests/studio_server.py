@@ -31,3 +31,17 @@ def running_studio(out: Path, preset=None, **sampling):
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", pool=pool, settings=settings, out=out)
     finally:
         demo.close()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+FAST = dict(negative_prompt="", refined_prompt="", num_steps=2, randomize_seed=False)  # quick API calls
+
+
+@contextmanager
+def studio_with_client(out: Path):
+    """A launched tiny-preset studio with a connected `gradio_client.Client` as `.client`."""
+    from gradio_client import Client
+
+    with running_studio(out) as server:
+        server.client = Client(server.url, verbose=False)
+        yield server

@@ -18,17 +18,14 @@ from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
 
 from pipelines.media import write_video
-from tests.studio_server import running_studio
+from tests.studio_server import EXAMPLES, FAST, studio_with_client
 
 pytestmark = pytest.mark.slow
-EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
-FAST = dict(negative_prompt="", refined_prompt="", num_steps=2, randomize_seed=False)
 
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    with running_studio(tmp_path_factory.mktemp("outputs")) as server:
-        server.client = Client(server.url, verbose=False)
+    with studio_with_client(tmp_path_factory.mktemp("outputs")) as server:
         yield server
 
 

@@ -10,7 +10,7 @@ Time convention (whole project): t=1 is pure noise, t=0 is data, and the model p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +18,12 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-# Upstream config keys that only matter to upstream's own loader or kernels; accepted so golden/official configs
-# can be passed through unchanged.
-_IGNORED_UPSTREAM_FIELDS = {"from_pretrained", "cache_dir", "type", "strict_load", "torch_dtype", "device_map"}
-
+from pipelines.models.config import UpstreamConfig
 
 @dataclass(frozen=True)
-class MMDiTConfig:
+class MMDiTConfig(UpstreamConfig):
+    KIND = "MMDiT"
+
     in_channels: int = 64  # packed latent features: latent channels x patch_size**2
     vec_in_dim: int = 768  # pooled text vector (CLIP-L)
     context_in_dim: int = 4096  # per-token text features (T5-XXL)
@@ -64,23 +63,6 @@ class MMDiTConfig:
     @property
     def latent_channels(self) -> int:
         return self.in_channels // self.patch_size**2
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "MMDiTConfig":
-        """Build from upstream-style keyword names; upstream-only loader/kernel fields are dropped."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(config) - known - _IGNORED_UPSTREAM_FIELDS
-        if unknown:
-            raise ValueError(f"unknown MMDiT config fields: {sorted(unknown)}")
-        kwargs = {k: v for k, v in config.items() if k in known}
-        if "axes_dim" in kwargs:
-            kwargs["axes_dim"] = tuple(kwargs["axes_dim"])
-        if kwargs.get("grad_ckpt_settings") is not None:
-            kwargs["grad_ckpt_settings"] = tuple(kwargs["grad_ckpt_settings"])
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:

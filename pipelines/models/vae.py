@@ -9,19 +9,19 @@ The VAE owns its latent scaling: `encode` returns scale * (z - shift), `decode` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines.models.config import UpstreamConfig
 from pipelines.models.vae_blocks import (CausalConv3d, DownBlock, MidBlock, UpBlock, blend_h, blend_t, blend_v)
 
-_IGNORED_UPSTREAM_FIELDS = {"from_pretrained", "type", "cache_dir", "torch_dtype", "device_map"}
-
-
 @dataclass(frozen=True)
-class CausalVAEConfig:
+class CausalVAEConfig(UpstreamConfig):
+    KIND = "causal VAE"
+
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 16
@@ -51,20 +51,6 @@ class CausalVAEConfig:
         n_down = len(self.block_out_channels) - 1
         if 2**n_down < self.spatial_compression_ratio:
             raise ValueError("not enough blocks for the requested spatial compression")
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "CausalVAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(config) - known - _IGNORED_UPSTREAM_FIELDS
-        if unknown:
-            raise ValueError(f"unknown causal VAE config fields: {sorted(unknown)}")
-        kwargs = {k: v for k, v in config.items() if k in known}
-        if "block_out_channels" in kwargs:
-            kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     @property
     def tile_latent_size(self) -> int:
