@@ -1,0 +1,145 @@
+"""A fixed pool of pre-encoded Shapes clips for DiT training, and a caption -> text-embedding cache.
+
+Encoding every batch through the VAE would cost as much as the DiT step on a CPU, so a pool of clips is rendered
+once and encoded once through the VAE's real `encode` (latents *and* every reference a condition type may use).
+Batches then draw clips from the pool: ordinary clips for t2v / i2v_head / i2v_tail, loop clips for i2v_loop and
+long clips for v2v.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from pipelines.text import build_prompt
+from pipelines.training.conditions import ClipReferences, draw_condition_types, encode_references
+from pipelines.training.shapes import ShapesDataset
+
+logger = logging.getLogger(__name__)
+
+_REF_FIELDS = [f.name for f in fields(ClipReferences)]
+
+
+@dataclass
+class ClipSet:
+    """Encoded clips of one length: latents (N, C, T_lat, h, w), references per field (N, C, k, h, w)."""
+
+    x0: Tensor
+    refs: dict[str, Tensor]
+    captions: list[str]  # training format: "<caption> 24 FPS, 4 motion score."
+    prompts: list[str]  # the studio's inference format of the same: "<caption>. 24 FPS. 4 motion score."
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def references(self, index: int) -> ClipReferences:
+        return ClipReferences(**{name: self.refs[name][index] if name in self.refs else None for name in _REF_FIELDS})
+
+
+@torch.no_grad()
+def encode_clip_set(vae, length: int, num_frames: int, size: int, loop_fraction: float, seed: int,
+                    encode_batch: int = 8) -> ClipSet:
+    """Render `length` clips and encode them and all their references with the VAE."""
+    dataset = ShapesDataset(length, num_frames=num_frames, size=size, loop_fraction=loop_fraction, seed=seed)
+    latents, refs, captions, prompts = [], {}, [], []
+    for start in range(0, length, encode_batch):
+        items = [dataset[i] for i in range(start, min(start + encode_batch, length))]
+        x = torch.stack([item["video"] for item in items])  # (b, 3, T, H, W)
+        latents.append(vae.encode(x))  # (b, C, T_lat, h, w)
+        for clip_refs in encode_references(x, vae):
+            for name in _REF_FIELDS:
+                value = getattr(clip_refs, name)
+                if value is not None:
+                    refs.setdefault(name, []).append(value)
+        captions.extend(item["caption"] for item in items)
+        prompts.extend(build_prompt(item["raw_caption"], item["fps"], item["motion_score"]) for item in items)
+    return ClipSet(torch.cat(latents), {k: torch.stack(v) for k, v in refs.items()}, captions, prompts)
+
+
+@dataclass
+class PoolBatch:
+    x0: Tensor  # (B, C, T_lat, h, w)
+    refs: list[ClipReferences]
+    captions: list[str]
+    cond_types: list[str]
+
+
+class LatentPool:
+    """Ordinary, loop and long clip sets plus the rule for which set a condition type draws from."""
+
+    def __init__(self, short: ClipSet, loop: ClipSet | None, long: ClipSet | None, condition_config: dict,
+                 prompt_fraction: float = 0.5):
+        self.short, self.loop, self.long = short, loop, long
+        # Upstream trains on one suffix format and prompts with another; showing both makes the default robust.
+        self.prompt_fraction = prompt_fraction
+        self.short_config = {k: w for k, w in condition_config.items() if not k.startswith("v2v")}
+        if loop is None or len(loop) == 0:
+            self.short_config.pop("i2v_loop", None)
+        self.long_config = {k: w for k, w in condition_config.items() if k.startswith("v2v") and w > 0}
+        if long is None or len(long) == 0:
+            self.long_config = {}
+
+    @property
+    def has_long(self) -> bool:
+        return bool(self.long_config)
+
+    def sample(self, batch: int, long: bool, generator: torch.Generator) -> PoolBatch:
+        """Draw condition types, then a clip for each from the set that type trains on."""
+        clip_set = self.long if long else self.short
+        config = self.long_config if long else self.short_config
+        t_lat = clip_set.x0.shape[2]
+        types = draw_condition_types(config, t_lat, batch, generator)
+        x0, refs, captions = [], [], []
+        for cond_type in types:
+            source = self.loop if cond_type == "i2v_loop" else clip_set
+            index = int(torch.randint(len(source), (1,), generator=generator))
+            x0.append(source.x0[index])
+            refs.append(source.references(index))
+            use_prompt = float(torch.rand((), generator=generator)) < self.prompt_fraction
+            captions.append(source.prompts[index] if use_prompt else source.captions[index])
+        return PoolBatch(torch.stack(x0), refs, captions, types)
+
+    def all_captions(self) -> list[str]:
+        sets = [s for s in (self.short, self.loop, self.long) if s is not None]
+        return [c for s in sets for c in (*s.captions, *s.prompts)]
+
+
+class TextCache:
+    """Caption -> (txt (L, C), y_vec (D,)) computed once by the frozen text encoder (captions repeat)."""
+
+    def __init__(self, encoder, batch: int = 64):
+        self.encoder, self.batch = encoder, batch
+        self.cache: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def add(self, captions: list[str]) -> None:
+        missing = sorted({c for c in captions if c not in self.cache})
+        for start in range(0, len(missing), self.batch):
+            chunk = missing[start:start + self.batch]
+            txt, _, y_vec = self.encoder(chunk)  # (b, L, C), _, (b, D)
+            for caption, t, y in zip(chunk, txt, y_vec):
+                self.cache[caption] = (t.clone(), y.clone())
+
+    def lookup(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """(txt (B, L, C), y_vec (B, D)) for the captions, encoding any not seen yet."""
+        self.add(captions)
+        txt = torch.stack([self.cache[c][0] for c in captions])
+        y_vec = torch.stack([self.cache[c][1] for c in captions])
+        return txt, y_vec
+
+
+def build_latent_pool(vae, data, condition_config: dict) -> LatentPool:
+    """The three clip sets of a `DataConfig`, encoded with `vae` (sizes 0 leave a set out)."""
+    short = encode_clip_set(vae, data.pool_size, data.num_frames, data.size, 0.0, data.seed, data.encode_batch)
+    loop = long = None
+    if data.loop_pool_size and condition_config.get("i2v_loop", 0) > 0:
+        loop = encode_clip_set(vae, data.loop_pool_size, data.num_frames, data.size, 1.0, data.seed + 1,
+                               data.encode_batch)
+    if data.long_pool_size and any(w > 0 for k, w in condition_config.items() if k.startswith("v2v")):
+        long = encode_clip_set(vae, data.long_pool_size, data.long_frames, data.size, 0.0, data.seed + 2,
+                               data.encode_batch)
+    logger.info("latent pool: %d clips, %d loop clips, %d long clips", len(short), len(loop) if loop else 0,
+                len(long) if long else 0)
+    return LatentPool(short, loop, long, condition_config)

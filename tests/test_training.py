@@ -1,0 +1,214 @@
+"""Training pieces: reference conditions, flow-matching losses, and train.py end to end (tiny configs)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from pipelines.models.vae import CausalVAE, CausalVAEConfig
+from pipelines.sampling import shift_alpha_for, time_shift
+from pipelines.training.conditions import (allowed_condition_types, build_condition, conditioned_frame_mask,
+                                           draw_condition_types, encode_references, prepare_visual_condition_causal)
+from pipelines.training.losses import (dropout_condition, flow_interpolate, flow_target, get_batch_loss,
+                                       sample_timesteps)
+from pipelines.training.train_config import TINY_VAE, load_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae() -> CausalVAE:
+    torch.manual_seed(0)
+    # A non-trivial scale and shift, so a test can tell the real (scaled) encode from the bare encoder.
+    return CausalVAE(CausalVAEConfig.from_dict({**TINY_VAE, "scale_factor": 1.7, "shift_factor": 0.3})).eval()
+
+
+def real_encode(vae: CausalVAE, x: torch.Tensor) -> torch.Tensor:
+    """scale * (posterior mean - shift), spelled out from the raw moments."""
+    mean = vae.encode_moments(x).chunk(2, dim=1)[0]
+    return vae.config.scale_factor * (mean - vae.config.shift_factor)
+
+
+# ---- conditions -----------------------------------------------------------------------------------------------------
+
+def test_condition_masks_mark_the_given_frames_with_real_encoded_references(tiny_vae):
+    x = torch.rand(1, 3, 37, 32, 32) * 2 - 1  # 37 frames -> 10 latent frames, enough for v2v
+    x0 = tiny_vae.encode(x)
+    refs = encode_references(x, tiny_vae)
+    expected = {"t2v": [], "i2v_head": [0], "i2v_tail": [9], "i2v_loop": [0, 9], "v2v_head": list(range(9)),
+                "v2v_tail": list(range(1, 10))}
+    with torch.no_grad():
+        head_img, tail_img = real_encode(tiny_vae, x[:, :, :1]), real_encode(tiny_vae, x[:, :, -1:])
+        head_vid, tail_vid = real_encode(tiny_vae, x[:, :, :33]), real_encode(tiny_vae, x[:, :, -33:])
+    for cond_type, frames in expected.items():
+        cond = build_condition(x0, [cond_type], refs)  # (1, 1 + C, 10, h, w)
+        assert cond.shape == (1, 1 + x0.shape[1], *x0.shape[2:])
+        assert conditioned_frame_mask(cond)[0].nonzero().flatten().tolist() == frames, cond_type
+        latent = cond[:, 1:]
+        unmasked = [t for t in range(10) if t not in frames]
+        assert latent[:, :, unmasked].abs().max() == 0
+    cond = build_condition(x0, ["i2v_loop"], refs)
+    torch.testing.assert_close(cond[:, 1:, :1], head_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cond[:, 1:, -1:], tail_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(build_condition(x0, ["v2v_head"], refs)[:, 1:, :9], head_vid, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(build_condition(x0, ["v2v_tail"], refs)[:, 1:, 1:], tail_vid, atol=1e-5, rtol=1e-5)
+
+
+def test_v2v_types_are_dropped_for_short_clips():
+    config = {"t2v": 1.0, "v2v_head": 1.0, "v2v_tail_easy": 1.0}
+    assert allowed_condition_types(config, 9) == {"t2v": 1.0}
+    assert allowed_condition_types(config, 17) == {"t2v": 1.0, "v2v_head": 1.0}
+    assert set(allowed_condition_types(config, 18)) == set(config)
+    drawn = draw_condition_types(config, 9, 200, torch.Generator().manual_seed(0))
+    assert set(drawn) == {"t2v"}
+    with pytest.raises(ValueError, match="no condition type"):
+        allowed_condition_types({"v2v_head": 1.0}, 9)
+    with pytest.raises(ValueError, match="unknown condition"):
+        allowed_condition_types({"i2v_middle": 1.0}, 9)
+
+
+def test_prepare_visual_condition_encodes_with_the_scaled_vae_encode(tiny_vae):
+    x = torch.rand(3, 3, 9, 32, 32) * 2 - 1
+    x0, cond, types = prepare_visual_condition_causal(x, {"i2v_head": 1.0}, tiny_vae, torch.Generator())
+    assert types == ["i2v_head"] * 3
+    with torch.no_grad():
+        torch.testing.assert_close(x0, real_encode(tiny_vae, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cond[:, 1:, :1], real_encode(tiny_vae, x[:, :, :1]), atol=1e-5, rtol=1e-5)
+        bare = tiny_vae.encoder(x[:, :, :1])[:, : x0.shape[1]]  # upstream's bug: bare encoder, no quant/scale
+    assert not torch.allclose(cond[:, 1:, :1], bare, atol=1e-3)
+    assert cond[:, 0, 0].min() == 1 and cond[:, 0, 1:].max() == 0
+
+
+# ---- losses -----------------------------------------------------------------------------------------------------------
+
+def test_timesteps_lie_in_the_open_interval_and_are_shifted():
+    t = sample_timesteps(4096, 64, 9, torch.Generator().manual_seed(1))
+    assert 0 < t.min() and t.max() < 1
+    plain = torch.sigmoid(torch.randn(4096, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(t, time_shift(shift_alpha_for(64, 9), plain))
+    assert t.mean() > plain.mean() + 0.05  # alpha > 1 moves mass towards noise
+
+
+def test_flow_interpolation_and_target_follow_the_formula():
+    x0, x1 = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    sigma = 1e-5
+    torch.testing.assert_close(flow_interpolate(x0, x1, torch.zeros(2), sigma), x0 + sigma * x1)
+    torch.testing.assert_close(flow_interpolate(x0, x1, torch.ones(2), sigma), x1)
+    t = torch.tensor([0.3, 0.8])
+    manual = (1 - t)[:, None, None] * x0 + (1 - (1 - sigma) * (1 - t))[:, None, None] * x1
+    torch.testing.assert_close(flow_interpolate(x0, x1, t, sigma), manual)
+    h = 1e-3  # the target is the time derivative of the path
+    slope = (flow_interpolate(x0, x1, t + h, sigma) - flow_interpolate(x0, x1, t, sigma)) / h
+    torch.testing.assert_close(slope, flow_target(x0, x1, sigma), atol=1e-3, rtol=1e-3)
+
+
+def test_dropout_replaces_whole_samples_with_the_null_prompt():
+    txt, y = torch.randn(64, 4, 3), torch.randn(64, 5)
+    null_txt, null_y = torch.zeros(1, 4, 3), torch.zeros(1, 5)
+    out, out_y, dropped = dropout_condition(0.5, txt, null_txt, torch.Generator().manual_seed(0), y, null_y)
+    assert 0 < dropped.sum() < 64
+    for i in range(64):
+        source_txt, source_y = (null_txt[0], null_y[0]) if dropped[i] else (txt[i], y[i])
+        assert torch.equal(out[i], source_txt) and torch.equal(out_y[i], source_y)
+    assert torch.equal(dropout_condition(0.0, txt, null_txt)[0], txt)
+    assert dropout_condition(1.0, txt, null_txt)[0].abs().max() == 0
+
+
+def test_batch_loss_excludes_exactly_the_conditioned_frames():
+    pred, target = torch.randn(2, 3 * 4, 6), torch.randn(2, 3 * 4, 6)  # 3 latent frames of 4 tokens
+    masks = torch.tensor([[True, False, False], [False, False, True]])  # head given / tail given
+    err = (pred - target).pow(2).mean(-1)  # (2, 12)
+    manual = torch.cat([err[0, 4:], err[1, :8]]).mean()
+    torch.testing.assert_close(get_batch_loss(pred, target, masks), manual)
+    torch.testing.assert_close(get_batch_loss(pred, target, masks, exclude_conditioned=False), err.mean())
+    torch.testing.assert_close(get_batch_loss(pred, target), err.mean())
+    changed = pred.clone()
+    changed[0, :4] += 100.0  # errors on a conditioned frame do not count
+    torch.testing.assert_close(get_batch_loss(changed, target, masks), manual)
+
+
+def test_dotted_overrides_edit_nested_config():
+    cfg = load_train_config("tiny-dit", ["model.hidden_size=64", "optim.lr=3e-4", "data.pool_size=8"])
+    assert cfg.model["hidden_size"] == 64 and cfg.model["depth"] == 1
+    assert cfg.optim.lr == 3e-4 and cfg.data.pool_size == 8
+    with pytest.raises(ValueError, match="unknown"):
+        load_train_config("tiny-dit", ["optim.learning_rate=1"])
+
+
+# ---- train.py -------------------------------------------------------------------------------------------------------
+
+def run_train(args: list[str], launcher: list[str] | None = None, timeout: float = 120) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *(launcher or []), "-m", "pipelines.training.train", *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+@pytest.mark.parametrize("preset", ["tiny-vae", "tiny-dit"])
+def test_train_smoke_runs_three_steps_and_checkpoints(tmp_path, preset):
+    log = run_train(["--config", preset, f"outputs={tmp_path}", "steps=3", "threads=1"])
+    assert "done: 3 steps" in log
+    assert (tmp_path / "checkpoints" / "epoch0-global_step3" / "running_states.json").is_file()
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    from pipelines.training.train import main
+
+    common = ["--config", "tiny-dit", "threads=1", "optim.cosine=false", "optim.warmup_steps=2", "ckpt_every=100"]
+    whole = main([*common, f"outputs={tmp_path / 'whole'}", "steps=4"])
+    main([*common, f"outputs={tmp_path / 'split'}", "steps=2"])
+    first = tmp_path / "split" / "checkpoints" / "epoch0-global_step2"
+    resumed = main([*common, f"outputs={tmp_path / 'split'}", "steps=4", "--load", str(first)])
+    assert resumed.steps == whole.steps == 4
+    assert resumed.final_loss == pytest.approx(whole.final_loss, rel=1e-6)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    for a, b in zip(whole.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    saved = safetensors.torch.load_file(resumed.checkpoint / "ema.safetensors")
+    assert set(saved) == set(whole.ema.state_dict())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_process_gloo_smoke(tmp_path):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}"]
+    log = run_train(["--config", "tiny-dit", f"outputs={tmp_path}", "steps=2", "threads=1"], launcher, timeout=240)
+    assert "done: 2 steps" in log
+    assert (tmp_path / "checkpoints" / "epoch0-global_step2" / "running_states.json").is_file()
+
+
+def test_decoder_finetune_leaves_the_encoder_untouched(tmp_path):
+    from pipelines.training.train import main
+
+    torch.manual_seed(3)
+    start = CausalVAE(CausalVAEConfig.from_dict(TINY_VAE))
+    safetensors.torch.save_file(start.state_dict(), tmp_path / "vae.safetensors")
+    result = main(["--config", "tiny-vae", f"outputs={tmp_path / 'run'}", "threads=1", "steps=2",
+                   "freeze_encoder=true", f"vae_weights={tmp_path / 'vae.safetensors'}"])
+    before, after = start.state_dict(), result.model.state_dict()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        assert same == (name.startswith("encoder.") or name.startswith("quant_conv.")), name
+
+
+def test_time_budget_stops_a_run_that_would_overrun(tmp_path):
+    from pipelines.training.train import main
+
+    result = main(["--config", "tiny-vae", f"outputs={tmp_path}", "threads=1", "steps=100000",
+                   "time_budget_min=0.005", "log_every=1000"])
+    assert 10 <= result.steps < 100000
+    assert result.wall_time_s < 30
