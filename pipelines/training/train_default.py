@@ -174,8 +174,8 @@ def finetune_decoder(work: Path, vae: CausalVAE, minutes: float, overrides: list
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes-vae", type=float, default=12.0)
-    parser.add_argument("--minutes-dit", type=float, default=45.0)
+    parser.add_argument("--minutes-vae", type=float, default=23.0)
+    parser.add_argument("--minutes-dit", type=float, default=61.0)
     parser.add_argument("--minutes-decoder", type=float, default=0.0, help="decoder-only VAE fine-tune (last)")
     parser.add_argument("--dit-load", default=None, help="continue the DiT stage from this checkpoint folder")
     parser.add_argument("--reuse-dit", type=Path, default=None, help="skip the DiT stage: EMA of this checkpoint")
