@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 import tracemalloc
 import re
 import struct
@@ -162,3 +163,21 @@ def test_sixteen_concurrent_clients_all_finish_unmixed_and_memory_settles(studio
     first, later = (after_first - baseline) / 2**20, (after_third - after_first) / 2**20
     print(f"RSS +{first:.0f} MiB after the first burst, {later:+.0f} MiB over two more; heap {heap_growth:+.1f} MiB")
     assert first < 400 and later < 200 and heap_growth < 20
+
+
+def test_a_queued_job_can_be_cancelled_and_the_running_one_stopped(studio):
+    busy, waiting = Client(studio.url, verbose=False), Client(studio.url, verbose=False)
+    running = busy.submit(**dict(FAST, prompt="a long job", num_steps=200, seed=1), api_name="/t2v")
+    for _ in range(200):  # wait until the long job holds the only engine
+        if any(studio.pool.is_busy(engine) for engine in studio.pool):
+            break
+        time.sleep(0.05)
+    queued = waiting.submit(**dict(FAST, prompt="never runs", seed=2), api_name="/t2v")
+    time.sleep(0.5)
+    assert queued.cancel(), "a job still waiting in the queue must be cancellable"
+    busy.predict(api_name="/stop")
+    *_, status, _ = running.result(timeout=120)
+    assert "Stopped" in status
+    assert not any("never runs" in p.read_text() for p in studio.out.glob("*.json"))
+    video, recipe, *_ = call(studio, "/t2v", prompt="after the cancel")
+    assert Path(video).exists() and recipe["prompt"]["original"] == "after the cancel"
