@@ -21,7 +21,7 @@ from pipelines.components import Components, load_components, pick_device
 from pipelines.memory import (MemoryStats, ParamStats, PeakRSSSampler, count_params, free_memory, read_memory_stats,
                               reset_peak)
 from pipelines.options import GenerationOptions, ResolvedOptions, resolve_options, with_seed
-from pipelines.presets import ModelPreset, get_preset
+from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
 from pipelines.sampling import DenoiseCounter, GenerationStopped, GuidanceOptions, StepInfo
 from pipelines.saving import SavedResult, save_result
@@ -98,9 +98,7 @@ class RunState:
 class Engine:
     def __init__(self, preset: ModelPreset | str | None = None, *, device: str | None = None, offload: bool = False,
                  output_dir: str | Path = "outputs", llm: LLMConfig | None = None, preview_every: int = 2):
-        self.preset = get_preset(preset) if isinstance(preset, str) or preset is None else preset
-        if preset is None:
-            self.preset = get_preset("shapes-default")
+        self.preset = get_preset(preset or DEFAULT_PRESET) if not isinstance(preset, ModelPreset) else preset
         self.device = pick_device(device)
         self.offload = offload and self.device.type == "cuda"
         self.output_dir = Path(output_dir)
@@ -151,12 +149,15 @@ class Engine:
         """Validate without running (what the UI calls before queueing)."""
         return resolve_options(options, self.preset)
 
+    def _seeded(self, options: GenerationOptions) -> ResolvedOptions:
+        """Validate, and draw a seed when none was given (it is reported back and recorded)."""
+        opts = self.check(options)
+        return opts if opts.seed is not None else with_seed(opts, secrets.randbelow(2**32))
+
     def run(self, options: GenerationOptions, on_event: EventCallback | None = None,
             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
         emit = on_event or (lambda event: None)
-        opts = self.check(options)
-        seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
-        opts = with_seed(opts, seed)
+        opts = self._seeded(options)
         with self._lock:
             reset_peak(self.device)
             try:
@@ -180,8 +181,7 @@ class Engine:
     def generate_frames(self, options: GenerationOptions, on_event: EventCallback | None = None,
                         should_stop: Callable[[], bool] | None = None) -> "GeneratedVideo":
         """Run every stage but saving; returns the frames (for evaluation and callers that save elsewhere)."""
-        opts = self.check(options)
-        opts = with_seed(opts, opts.seed if opts.seed is not None else secrets.randbelow(2**32))
+        opts = self._seeded(options)
         with self._lock:
             try:
                 return self._generate(opts, on_event or (lambda event: None), should_stop or (lambda: False))
@@ -262,10 +262,7 @@ class Engine:
         return prompt, refined, motion
 
     def _progress_callback(self, emit, latent, start: float):
-        projection = None
-
         def callback(step: StepInfo) -> None:
-            nonlocal projection
             done = step.index + 1
             elapsed = time.perf_counter() - start
             emit(ProgressEvent(done, step.num_steps, elapsed, elapsed / done * (step.num_steps - done)))
@@ -273,8 +270,7 @@ class Engine:
                 if self._projection is None:
                     c = self.components
                     self._projection = fit_preview_projection(c.vae, step.x0.device, c.dtype)
-                projection = self._projection
-                emit(PreviewEvent(preview_strip(step.x0, projection, latent, self.components.mmdit.config.patch_size),
+                emit(PreviewEvent(preview_strip(step.x0, self._projection, latent, self.components.mmdit.config.patch_size),
                                   done))
         return callback
 

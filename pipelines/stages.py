@@ -40,13 +40,14 @@ def load_reference_pixels(cond_type: str, paths: tuple[str, ...], height: int, w
     if spec.kind == "none":
         return ReferencePixels()
     if spec.kind == "image":
-        images = [resize_crop(read_image(p), height, width)[:, None] for p in paths]  # each (3, 1, H, W)
+        originals = [read_image(p) for p in paths]  # each (3, H_i, W_i), decoded once
         if cond_type == "i2v_loop" and len(paths) == 2:
-            sizes = {tuple(read_image(p).shape[1:]) for p in paths}
+            sizes = {tuple(image.shape[1:]) for image in originals}
             if len(sizes) > 1:
                 raise MediaError("the two loop images have different sizes "
                                  f"({' and '.join('x'.join(map(str, s[::-1])) for s in sizes)}); "
                                  "use two images of the same size")
+        images = [resize_crop(image, height, width)[:, None] for image in originals]  # each (3, 1, H, W)
         return ReferencePixels(head=images[0] if spec.head else None, tail=images[-1] if spec.tail else None)
     info = probe_video(paths[0])
     if info.frames < spec.video_frames:
