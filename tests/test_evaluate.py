@@ -34,3 +34,23 @@ def test_extension_report_measures_the_kept_frames_before_stitching(engine, tmp_
     # random weights cannot reproduce the given frames: a PSNR this low proves the raw sample is measured,
     # not the stitched copy of the user's clip (which would be ~99 dB)
     assert report["clips"] == 1 and report["kept_frames_psnr_db"] < 40
+
+
+def test_cli_evaluates_a_preset_folder_written_by_training(tmp_path):
+    import json
+
+    import torch
+
+    from pipelines.models.mmdit import MMDiT, MMDiTConfig
+    from pipelines.models.vae import CausalVAE, CausalVAEConfig
+    from pipelines.training.train_default import SAMPLING, write_preset
+    from tests.tiny_preset import TINY_MMDIT, TINY_VAE
+
+    torch.manual_seed(0)
+    folder = tmp_path / "run-preset"
+    write_preset(folder, MMDiT(MMDiTConfig.from_dict(TINY_MMDIT)), CausalVAE(CausalVAEConfig.from_dict(TINY_VAE)),
+                 trained=True, notes="test", training={}, sampling={**SAMPLING, "num_steps": 2})
+    report = evaluate.main(["--preset", str(folder), "--t2v", "1", "--i2v", "0", "--loop", "0", "--extend", "0",
+                            "--frames", "9", "--json", str(tmp_path / "eval.json")])
+    assert report["preset"] == "shapes-default" and report["clips"] == 1
+    assert json.loads((tmp_path / "eval.json").read_text())["t2v"]["clips"] == 1

@@ -212,3 +212,20 @@ def test_time_budget_stops_a_run_that_would_overrun(tmp_path):
                    "time_budget_min=0.005", "log_every=1000"])
     assert 10 <= result.steps < 100000
     assert result.wall_time_s < 30
+
+
+def test_vae_object_weight_marks_exactly_the_object_pixels():
+    from pipelines.training.shapes import BACKGROUNDS, render_clip, sample_spec
+    from pipelines.training.train import VAEStage
+    import random
+
+    spec = sample_spec(random.Random(4), size=32, num_frames=5, background="gray", color="black", shape="square")
+    clip = torch.from_numpy(render_clip(spec, 5, 32)).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W)
+    plain = VAEStage(load_train_config("tiny-vae"))
+    weighted = VAEStage(load_train_config("tiny-vae", ["object_weight=4"]))
+    assert torch.equal(plain.pixel_weights(clip[None], ["gray"]), torch.ones(1, 1, 5, 32, 32))
+    weights = weighted.pixel_weights(clip[None], ["gray"])[0, 0]  # (T, H, W)
+    gray = torch.tensor(BACKGROUNDS["gray"]).float() / 127.5 - 1
+    on_object = (clip - gray[:, None, None, None]).abs().amax(0) > 0.05
+    assert on_object.any() and (~on_object).any()
+    assert torch.equal(weights, torch.where(on_object, 5.0, 1.0))

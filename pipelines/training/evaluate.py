@@ -25,6 +25,7 @@ from PIL import Image
 from pipelines.engine import Engine
 from pipelines.media import to_uint8_frames, write_video
 from pipelines.options import GenerationOptions
+from pipelines.presets import load_embedded_preset
 from pipelines.training.judge import centroid_track, judge_clip, motion_direction, psnr, speed_score_correlation
 from pipelines.training.shapes import render_clip, sample_eval_prompts
 
@@ -123,7 +124,8 @@ def evaluate_extend(engine: Engine, n: int, seed: int, frames: int, folder: Path
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="shapes-default")
+    p.add_argument("--preset", default="shapes-default",
+                   help="a preset name, or a folder written by train_default (config.json + weights)")
     p.add_argument("--t2v", type=int, default=100)
     p.add_argument("--i2v", type=int, default=40)
     p.add_argument("--loop", type=int, default=30)
@@ -137,7 +139,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        engine = Engine(args.preset, device="cpu", output_dir=folder / "out", preview_every=0).load()
+        preset = load_embedded_preset(Path(args.preset)) if Path(args.preset).is_dir() else args.preset
+        engine = Engine(preset, device="cpu", output_dir=folder / "out", preview_every=0).load()
         report = {"preset": engine.preset.name, "trained": engine.preset.trained}
         if args.t2v:
             report["t2v"] = evaluate_t2v(engine, args.t2v, args.seed, args.frames)

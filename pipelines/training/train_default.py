@@ -1,6 +1,6 @@
 """Rebuild the embedded default (`assets/shapes-default/`) end to end on Shapes clips.
 
-    python -m pipelines.training.train_default [--minutes-vae 12 --minutes-dit 45]
+    python -m pipelines.training.train_default [--minutes-vae 47 --minutes-dit 72 --minutes-decoder 8]
     python -m pipelines.training.train_default --init-only     # random weights, labelled untrained
 
 1. trains the causal VAE (`shapes-vae` preset) for the VAE budget;
@@ -174,9 +174,9 @@ def finetune_decoder(work: Path, vae: CausalVAE, minutes: float, overrides: list
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes-vae", type=float, default=23.0)
-    parser.add_argument("--minutes-dit", type=float, default=61.0)
-    parser.add_argument("--minutes-decoder", type=float, default=0.0, help="decoder-only VAE fine-tune (last)")
+    parser.add_argument("--minutes-vae", type=float, default=47.0)
+    parser.add_argument("--minutes-dit", type=float, default=72.0)
+    parser.add_argument("--minutes-decoder", type=float, default=8.0, help="decoder-only VAE fine-tune (last)")
     parser.add_argument("--dit-load", default=None, help="continue the DiT stage from this checkpoint folder")
     parser.add_argument("--reuse-dit", type=Path, default=None, help="skip the DiT stage: EMA of this checkpoint")
     parser.add_argument("--decoder-set", nargs="*", default=[], help="dotted overrides for the decoder stage")
