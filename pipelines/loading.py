@@ -281,7 +281,9 @@ def _read_torch_file(file: Path) -> dict[str, torch.Tensor]:
                 "as a dict of tensors (safetensors.torch.save_file(model.state_dict(), ...) is best)."
             ) from exc
         raise _corrupt_error(file, exc) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # garbage makes the unpickler fail in many ways (IndexError, KeyError, ValueError, ...)
         raise _corrupt_error(file, exc) from exc
     return _unwrap_torch_state_dict(loaded, file)
 
