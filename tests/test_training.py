@@ -229,3 +229,13 @@ def test_vae_object_weight_marks_exactly_the_object_pixels():
     on_object = (clip - gray[:, None, None, None]).abs().amax(0) > 0.05
     assert on_object.any() and (~on_object).any()
     assert torch.equal(weights, torch.where(on_object, 5.0, 1.0))
+
+
+@pytest.mark.parametrize("flags", [["--minutes-dit", "0"], ["--minutes-vae", "0"]])
+def test_train_default_refuses_a_zero_budget_instead_of_training_without_limit(tmp_path, flags, capsys):
+    from pipelines.training.train_default import main
+
+    with pytest.raises(SystemExit):
+        main([*flags, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert "must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()

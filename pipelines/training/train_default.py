@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dit-set", nargs="*", default=[], help="dotted overrides for the DiT stage")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
+    # A zero budget would mean "no time limit" to the trainer (the preset's full step count): refuse it here.
+    if not args.init_only and not args.reuse_vae and args.minutes_vae <= 0:
+        parser.error("--minutes-vae must be positive (use --reuse-vae to skip the VAE stage)")
+    if not args.init_only and not args.reuse_dit and args.minutes_dit <= 0:
+        parser.error("--minutes-dit must be positive (use --reuse-dit CHECKPOINT to skip the MMDiT stage)")
     from pipelines.training.train import setup_logging
 
     args.work.mkdir(parents=True, exist_ok=True)
