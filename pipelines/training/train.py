@@ -11,9 +11,11 @@ randomness comes from a generator seeded by (seed, step, rank), so a resumed run
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -192,23 +194,34 @@ def build_scheduler(optimizer, cfg: TrainConfig):
 
 
 class StepBudget:
-    """Fits the number of steps to a wall-time budget, re-measuring the pace as the machine's load changes."""
+    """Fits the number of steps to a wall-time budget from the median pace of the last `WINDOW` steps.
+
+    A median, not a mean: a brief burst of other load (a few slow steps) must not shrink the cosine for a while
+    and then stretch it again, while a lasting change of pace still moves the end. The first steps, which carry
+    one-off costs, are left out.
+    """
+
+    WARMUP, WINDOW = 10, 101
 
     def __init__(self, cfg: TrainConfig, start_step: int):
         self.minutes, self.limit = cfg.time_budget_min, cfg.steps
         self.started, self.start_step = time.time(), start_step
-        self.mark_time, self.mark_step, self.target = self.started, start_step, cfg.steps
+        self.last_time, self.last_step, self.target = None, None, cfg.steps
+        self.paces: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
 
     def update(self, step: int, scheduler) -> int:
-        """The step count to stop at, given the pace of the last stretch."""
-        if self.minutes <= 0 or step - self.mark_step < 10:
+        """The step count to stop at, given the recent median pace."""
+        if self.minutes <= 0 or step - self.start_step < self.WARMUP:
             return self.target
         now = time.time()
-        pace = (now - self.mark_time) / (step - self.mark_step)
+        if self.last_step is not None and step > self.last_step:
+            self.paces.append((now - self.last_time) / (step - self.last_step))
+        self.last_time, self.last_step = now, step
+        if not self.paces:
+            return self.target
+        pace = statistics.median(self.paces)
         remaining = self.minutes * 60 - (now - self.started)
         target = max(step, min(self.limit, step + int(remaining / pace)))  # out of time: stop now
-        if step - self.mark_step >= 40:
-            self.mark_time, self.mark_step = now, step
         if isinstance(scheduler, CosineAnnealingWarmupLR):
             scheduler.total_steps = max(target, scheduler.warmup_steps + 1)
         self.target = target
