@@ -205,6 +205,21 @@ def test_decoder_finetune_leaves_the_encoder_untouched(tmp_path):
         assert same == (name.startswith("encoder.") or name.startswith("quant_conv.")), name
 
 
+def test_dit_stage_warm_starts_from_mmdit_weights(tmp_path):
+    from pipelines.models.mmdit import MMDiT, MMDiTConfig
+    from pipelines.training.train import DiTStage
+
+    cfg = load_train_config("tiny-dit", [f"outputs={tmp_path}"])
+    torch.manual_seed(5)
+    start = MMDiT(MMDiTConfig.from_dict(cfg.model))
+    safetensors.torch.save_file(start.state_dict(), tmp_path / "mmdit.safetensors")
+    stage = DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}",
+                                                    f"mmdit_weights={tmp_path / 'mmdit.safetensors'}"]))
+    warm, fresh = stage.build_model().state_dict(), DiTStage(cfg).build_model().state_dict()
+    assert all(torch.equal(warm[k], v) for k, v in start.state_dict().items())
+    assert not all(torch.equal(fresh[k], v) for k, v in start.state_dict().items())
+
+
 def test_time_budget_stops_a_run_that_would_overrun(tmp_path):
     from pipelines.training.train import main
 

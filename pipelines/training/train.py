@@ -157,8 +157,14 @@ class DiTStage:
                     len(self.text.cache))
 
     def build_model(self) -> MMDiT:
+        """A freshly initialised MMDiT, or the weights in `mmdit_weights` to go on from (e.g. after the VAE was
+        fine-tuned, its latents are close to the old ones: warm-starting beats starting from noise)."""
+        import safetensors.torch
+
         model = MMDiT(MMDiTConfig.from_dict(self.cfg.model))
         model.initialize_weights()
+        if self.cfg.mmdit_weights:
+            model.load_state_dict(safetensors.torch.load_file(self.cfg.mmdit_weights), strict=True)
         return model
 
     def is_long_step(self, step: int) -> bool:

@@ -67,6 +67,7 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: dict(SHAPES_MMDIT))  # MMDiT config (dit stage)
     vae: dict = field(default_factory=lambda: dict(SHAPES_VAE))  # VAE config (trained in the vae stage)
     vae_weights: str | None = None  # dit stage: the trained VAE's safetensors
+    mmdit_weights: str | None = None  # dit stage: start from these MMDiT weights (fresh optimizer and schedule)
     text_max_length: int = 32
     condition_config: dict = field(default_factory=lambda: dict(SHAPES_CONDITIONS))
     text_dropout: float = 0.1
