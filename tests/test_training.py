@@ -266,6 +266,27 @@ def test_vae_object_weight_marks_exactly_the_object_pixels():
     assert torch.equal(weights, torch.where(on_object, 5.0, 1.0))
 
 
+class _FakeVAE:
+    """Encode is the identity; decode returns the frames, or one flat brown when `brown`."""
+
+    def __init__(self, brown: bool):
+        self.brown = brown
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return torch.full_like(z, 0.2) if self.brown else z
+
+
+def test_colour_fidelity_tells_a_faithful_vae_from_one_that_loses_colour():
+    from pipelines.training.train_default import colour_fidelity
+
+    faithful, brown = colour_fidelity(_FakeVAE(False)), colour_fidelity(_FakeVAE(True))
+    assert faithful == {"object_colour_right": 1.0, "object_colour_error": 0.0}
+    assert brown["object_colour_right"] < 0.2 and brown["object_colour_error"] > 50
+
+
 @pytest.mark.parametrize("flags", [["--minutes-dit", "0"], ["--minutes-vae", "0"]])
 def test_train_default_refuses_a_zero_budget_instead_of_training_without_limit(tmp_path, flags, capsys):
     from pipelines.training.train_default import main
