@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
                 "final_loss": {k: s["final_loss"] for k, s in stages.items()},
                 "vae_recon_psnr_db": round(measured["recon_psnr_db"], 2),
                 "vae_first_frame_psnr_db": round(measured["first_frame_psnr_db"], 2),
-                "vae_object_colour_right": round(measured["object_colour_right"], 3),
+                # stats a reused VAE saved before colour fidelity was measured lack it
+                "vae_object_colour_right": (round(measured["object_colour_right"], 3)
+                                            if "object_colour_right" in measured else None),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     steps = ", ".join(f"{k} {s['steps']} steps" for k, s in stages.items())
     notes = f"Trained on CPU (2 cores) in {training['wall_time_s'] / 60:.0f} min: {steps}; MMDiT EMA weights."
