@@ -105,8 +105,8 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     # Object pixels weigh 21x: the object is ~5% of a frame, and at 5x (object_weight=4) a VAE still decoded red,
-    # green and blue objects alike as brown after 3,300 steps; 200 steps at 31x took colour right from 15 to 19
-    # of 22 colour/background pairs.
+    # green and blue objects alike as brown after 3,300 steps; 1,239 fine-tuning steps at 21x took
+    # `colour_fidelity` from 14 to 20 of the 22 colour/background pairs.
     "shapes-vae": dict(stage="vae", outputs="runs/shapes-vae", batch_size=8, steps=5000, kl_weight=1e-4,
                        object_weight=20.0, log_every=10, ckpt_every=200,
                        optim=dict(lr=1e-3, warmup_steps=20, min_lr=2e-5), data=dict(num_frames=9, vae_crop=0)),
