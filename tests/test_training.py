@@ -266,6 +266,21 @@ def test_vae_object_weight_marks_exactly_the_object_pixels():
     assert torch.equal(weights, torch.where(on_object, 5.0, 1.0))
 
 
+
+def test_vae_object_margin_weights_the_background_ring_around_the_object():
+    from pipelines.training.train import VAEStage
+
+    x = torch.full((1, 3, 2, 16, 16), 10 / 127.5 - 1.0)  # the black background
+    x[:, 0, :, 6:9, 6:9] = 1.0  # a 3x3 red patch
+    stage = VAEStage(load_train_config("tiny-vae", ["object_weight=4", "object_margin=2"]))
+    weights = stage.pixel_weights(x, ["black"])[0, 0]
+    expected = torch.ones(2, 16, 16)
+    expected[:, 4:11, 4:11] = 5.0  # the patch grown by 2 px on every side, in every frame
+    assert torch.equal(weights, expected)
+    with pytest.raises(ValueError, match="object_margin"):
+        load_train_config("tiny-vae", ["object_margin=-1"])
+
+
 class _FakeVAE:
     """Encode is the identity; decode returns the frames, or one flat brown when `brown`."""
 

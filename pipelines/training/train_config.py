@@ -78,6 +78,7 @@ class TrainConfig:
     kl_weight: float = 1e-4  # vae: weight of the per-element mean KL
     mse_weight: float = 1.0  # vae: weight of the MSE term beside L1
     object_weight: float = 0.0  # vae: extra loss weight on object pixels (they are a few percent of a frame)
+    object_margin: int = 0  # vae: the extra weight also covers background pixels this close to the object
     sample_posterior: bool = False  # vae: decode a posterior sample (True) or its mean (faster to learn)
     freeze_encoder: bool = False  # vae: fine-tune only the decoder (latents, and so a trained DiT, stay valid)
     steps: int = 100
@@ -101,6 +102,9 @@ class TrainConfig:
             raise ValueError(f"optim.accumulation_steps must be at least 1, got {self.optim.accumulation_steps}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
+        if self.object_weight < 0 or self.object_margin < 0:
+            raise ValueError("object_weight and object_margin must not be negative, "
+                             f"got {self.object_weight} and {self.object_margin}")
 
 
 PRESETS: dict[str, dict] = {
@@ -111,7 +115,7 @@ PRESETS: dict[str, dict] = {
                        object_weight=20.0, log_every=10, ckpt_every=200,
                        optim=dict(lr=1e-3, warmup_steps=20, min_lr=2e-5), data=dict(num_frames=9, vae_crop=0)),
     "shapes-decoder": dict(stage="vae", outputs="runs/shapes-decoder", batch_size=4, steps=5000, log_every=10,
-                           ckpt_every=200, freeze_encoder=True, object_weight=20.0,
+                           ckpt_every=200, freeze_encoder=True, object_weight=20.0, object_margin=2,
                            optim=dict(lr=5e-4, warmup_steps=10, min_lr=2e-5), data=dict(num_frames=9, vae_crop=0)),
     "shapes-dit": dict(stage="dit", outputs="runs/shapes-dit", batch_size=16, long_batch_size=8, steps=20000,
                        log_every=10, ckpt_every=100,
