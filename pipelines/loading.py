@@ -1,9 +1,10 @@
-"""Checkpoint loading for any nn.Module: find the weights, read them safely, check them, assign them.
+"""Checkpoint loading for any nn.Module: read the weights safely, check them, assign them.
 
 ``read_state_dict`` accepts a ``.safetensors`` file; HF sharded safetensors (an index JSON or a folder with
 one); ``.pt``/``.pth``/``.bin`` read with ``weights_only=True`` (pickled objects are refused); this project's
 training checkpoints (``<ckpt_dir>``, ``<ckpt_dir>/model/``, ``<ckpt_dir>/ema.safetensors``); and Hub files
-``hf://owner/repo/path.safetensors`` (or ``owner/repo/path.safetensors`` when no such local path exists).
+``hf://owner/repo/path.safetensors`` (or ``owner/repo/path.safetensors`` when no such local path exists);
+``pipelines.weight_files`` turns each of these into one local file.
 
 Upstream Open-Sora loads with ``strict=False`` and only logs mismatches, so a fused/unfused or ``cond_in`` key
 mismatch goes unnoticed; here a mismatch is an error unless the caller opts out, and the report names it.
@@ -17,7 +18,6 @@ the device of the module's parameters.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -31,20 +31,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from pipelines.weight_files import (CheckpointError, TORCH_SUFFIXES, find_checkpoint_file, locate_checkpoint,
+                                   read_weight_map)
+
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-SAFETENSORS_NAME = "model.safetensors"
-TRAINING_MODEL_DIR = "model"  # training writes <ckpt_dir>/model/ (index + shards) beside ema.safetensors
-HUB_SCHEME = "hf://"
-TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 WRAPPER_KEYS = ("state_dict", "model")
 MAX_LISTED = 10
 HASH_CHUNK_BYTES = 1 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be found, read, or matched against a model."""
 
 
 @dataclass
@@ -89,7 +83,7 @@ def read_state_dict(
     cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a checkpoint (file, sharded folder, training checkpoint or Hub reference) into CPU tensors."""
-    file = _locate_checkpoint(str(path), cache_dir)
+    file = locate_checkpoint(str(path), cache_dir)
     state_dict = _read_checkpoint_file(file)
     return rename_state_dict_keys(state_dict, rename_keys) if rename_keys else state_dict
 
@@ -109,99 +103,6 @@ def rename_state_dict_keys(state_dict: dict[str, torch.Tensor], rename_keys: dic
             )
         renamed[new_key] = tensor
     return renamed
-
-
-def _locate_checkpoint(text: str, cache_dir: str | os.PathLike | None) -> Path:
-    """Turn what the user typed into one local file: a weights file or an index JSON."""
-    if text.startswith(HUB_SCHEME):
-        return _fetch_from_hub(*_split_hub_reference(text[len(HUB_SCHEME):], text), cache_dir)
-    local = Path(text).expanduser()
-    if local.exists():
-        return _find_checkpoint_file(local)
-    hub_reference = _guess_hub_reference(text)
-    if hub_reference is None:
-        raise CheckpointError(
-            f"Checkpoint not found: '{local.resolve()}' does not exist. Check the path, or use "
-            f"'{HUB_SCHEME}owner/repo/file.safetensors' for a file on the Hugging Face Hub."
-        )
-    logger.info("no local file at %s; treating '%s' as a Hub reference", local.resolve(), text)
-    return _fetch_from_hub(*hub_reference, cache_dir, local_hint=local.resolve())
-
-
-def _split_hub_reference(reference: str, original: str) -> tuple[str, str]:
-    parts = [p for p in reference.split("/") if p]
-    if len(parts) < 3:
-        raise CheckpointError(
-            f"Hub reference '{original}' needs a file inside the repository: "
-            f"'{HUB_SCHEME}owner/repo/path/to/weights.safetensors'."
-        )
-    return "/".join(parts[:2]), "/".join(parts[2:])
-
-
-def _guess_hub_reference(text: str) -> tuple[str, str] | None:
-    """`owner/repo/file.safetensors` that is not a local path; None when it cannot be a Hub file."""
-    parts = text.split("/")
-    looks_relative = not text.startswith(("/", "~", ".")) and all(p and p not in (".", "..") for p in parts)
-    known_suffix = text.endswith((".safetensors", ".index.json", *TORCH_SUFFIXES))
-    if len(parts) >= 3 and looks_relative and known_suffix:
-        return "/".join(parts[:2]), "/".join(parts[2:])
-    return None
-
-
-def _hub_is_offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so a later change still counts.
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _fetch_from_hub(repo_id: str, filename: str, cache_dir, local_hint: Path | None = None) -> Path:
-    """Download (or find in the cache) one Hub file; an index JSON also brings its shards."""
-    file = _download_hub_file(repo_id, filename, cache_dir, local_hint)
-    if file.name.endswith(".index.json"):
-        folder = filename.rsplit("/", 1)[0] + "/" if "/" in filename else ""
-        for shard in sorted(set(_read_weight_map(file).values())):
-            # Shards land in the same snapshot folder as the index, so the local sharded reader finds them.
-            _download_hub_file(repo_id, folder + shard, cache_dir, local_hint)
-    return file
-
-
-def _download_hub_file(repo_id: str, filename: str, cache_dir, local_hint: Path | None) -> Path:
-    import huggingface_hub
-    from huggingface_hub import errors as hub_errors
-
-    offline = _hub_is_offline()
-    try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=offline))
-    except hub_errors.HFValidationError as exc:
-        raise CheckpointError(f"'{repo_id}' is not a valid Hugging Face repository id ({exc}).") from exc
-    except (hub_errors.EntryNotFoundError, hub_errors.HfHubHTTPError, OSError) as exc:
-        reason = "HF_HUB_OFFLINE is set" if offline else f"the download failed: {type(exc).__name__}: {exc}"
-        also = f" There is no local file at '{local_hint}' either." if local_hint else ""
-        cache_option = f" --cache-dir {cache_dir}" if cache_dir else ""
-        raise CheckpointError(
-            f"'{filename}' from Hub repo '{repo_id}' is not cached and cannot be fetched ({reason}).{also} "
-            f"Download it while online with `hf download {repo_id} {filename}{cache_option}`, "
-            "or point to a local file or folder instead."
-        ) from exc
-
-
-def _find_checkpoint_file(path: Path) -> Path:
-    """A file is used as is; a folder is searched for an index, model.safetensors, or a model/ subfolder."""
-    if path.is_file():
-        return path
-    for candidate in (path / INDEX_NAME, path / SAFETENSORS_NAME):
-        if candidate.is_file():
-            return candidate
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if len(indexes) == 1:
-        return indexes[0]
-    if (path / TRAINING_MODEL_DIR).is_dir():
-        return _find_checkpoint_file(path / TRAINING_MODEL_DIR)
-    found = sorted(p.name for p in path.iterdir())[:MAX_LISTED]
-    raise CheckpointError(
-        f"No checkpoint found in folder '{path}': expected {INDEX_NAME}, {SAFETENSORS_NAME}, one "
-        f"*.safetensors.index.json, or a '{TRAINING_MODEL_DIR}/' subfolder (found: {found or 'nothing'}). "
-        "Point to the weights file itself, e.g. '<ckpt_dir>/ema.safetensors'."
-    )
 
 
 def _read_checkpoint_file(file: Path) -> dict[str, torch.Tensor]:
@@ -230,22 +131,9 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise _corrupt_error(file, exc) from exc
 
 
-def _read_weight_map(index_file: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"Index '{index_file}' is not a valid safetensors index: it needs a JSON object with a "
-            f"'weight_map' of tensor name -> shard file ({type(exc).__name__}: {exc})."
-        ) from exc
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"Index '{index_file}': 'weight_map' must map tensor names to shard file names.")
-    return weight_map
-
-
 def _read_sharded_safetensors(index_file: Path) -> dict[str, torch.Tensor]:
     """Read only the tensors the index assigns to each shard (safe_open reads them one by one)."""
-    weight_map = _read_weight_map(index_file)
+    weight_map = read_weight_map(index_file)
     keys_by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         keys_by_shard.setdefault(shard, []).append(key)
@@ -436,7 +324,7 @@ def file_sha256(path: str | os.PathLike, max_bytes: int | None = None) -> str:
     file = Path(path).expanduser()
     if not file.exists():
         raise CheckpointError(f"Cannot hash '{file}': it does not exist.")
-    file = _find_checkpoint_file(file)
+    file = find_checkpoint_file(file)
     digest = hashlib.sha256()
     remaining = max_bytes if max_bytes is not None else float("inf")
     with open(file, "rb") as handle:
