@@ -4,13 +4,15 @@
     python bench/gpu_check.py --smoke    # tiny config on the CPU (the test suite runs this so it cannot rot)
 
 Reports s/step for t2v and i2v with the skipping sampler and with the plain three-branch loop, the projected 50-step
-time, peak memory, and the VAE decode of one 256px 129-frame latent; compare with Open-Sora's published
-60 s / 52.5 GB for 256x256 on one H100 (README, with offload and tensor parallelism).
+time, peak memory beside `pipelines.memory_estimate`'s estimate for the same batch (calibrate it here), and the VAE
+decode of one 256px 129-frame latent; compare with Open-Sora's published 60 s / 52.5 GB for 256x256 on one H100
+(README, with offload and tensor parallelism).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -20,7 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.memory_estimate import estimate_memory  # noqa: E402
 from pipelines.models import build_causal_vae, build_mmdit  # noqa: E402
+from pipelines.options import GenerationOptions, resolve_options  # noqa: E402
 from pipelines.presets import get_preset  # noqa: E402
 from pipelines.sampling import (DenoiseCounter, GuidanceOptions, TextEmbeds, denoise, get_schedule,  # noqa: E402
                                 prepare_img_ids)
@@ -73,6 +77,16 @@ def time_sampler(model, cond_type, t_lat, h_lat, w_lat, txt_len, steps, skip_kno
             "projected_50_steps_s": per_branch * full_evals, "branch_evals_50_steps": full_evals}
 
 
+def estimated_sampling_gb(preset, three_branches: bool) -> float:
+    """The estimate for this script's sampling batch: MMDiT and VAE weights + activations (no text encoder here)."""
+    opts = resolve_options(GenerationOptions(prompt="check", resolution="256px", aspect_ratio="16:9",
+                                             num_frames=129), preset)
+    if three_branches:
+        opts = dataclasses.replace(opts, cond_type="i2v_head")
+    estimate = estimate_memory(preset, opts, device_type="cuda", dtype=torch.bfloat16)
+    return (estimate.stages["sample"] - estimate.weights["text_encoder"]) / 1e9
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU")
@@ -102,6 +116,7 @@ def main(argv=None) -> dict:
             row = time_sampler(model, mode, t_lat, h_lat, w_lat, txt_len, steps, skip, device, dtype)
             if device.type == "cuda":
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                row["estimated_gb"] = estimated_sampling_gb(preset, mode == "i2v" or not skip)
             info["results"].append(row)
             print(json.dumps(row), flush=True)
     z = torch.randn(1, vae.config.latent_channels, t_lat, h_lat, w_lat, device=device, dtype=dtype)

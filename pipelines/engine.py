@@ -17,9 +17,10 @@ from typing import Callable
 
 import torch
 
-from pipelines.components import Components, load_components, pick_device
-from pipelines.memory import (MemoryStats, ParamStats, PeakRSSSampler, count_params, free_memory, read_memory_stats,
-                              reset_peak)
+from pipelines.components import Components, load_components, pick_device, pick_dtype
+from pipelines.memory import (MemoryStats, ParamStats, PeakRSSSampler, available_bytes, count_params, free_memory,
+                              read_memory_stats, reset_peak)
+from pipelines.memory_estimate import MemoryEstimate, estimate_memory
 from pipelines.options import GenerationOptions, ResolvedOptions, resolve_options, with_seed
 from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
@@ -114,8 +115,7 @@ class Engine:
     def components(self) -> Components:
         if self._components is None:
             home = torch.device("cpu") if self.offload else self.device
-            dtype = torch.bfloat16 if self.device.type == "cuda" and self.preset.official else torch.float32
-            self._components = load_components(self.preset, home, dtype)
+            self._components = load_components(self.preset, home, pick_dtype(self.device, self.preset.official))
         return self._components
 
     def load(self) -> "Engine":
@@ -135,6 +135,13 @@ class Engine:
 
     def memory_stats(self) -> MemoryStats:
         return read_memory_stats(self.device)
+
+    def estimate_memory(self, options: GenerationOptions) -> tuple[MemoryEstimate, int]:
+        """(estimated peak of running `options`, bytes available to it); raises OptionsError like `check`."""
+        estimate = estimate_memory(self.preset, self.check(options), device_type=self.device.type,
+                                   dtype=pick_dtype(self.device, self.preset.official),
+                                   offload_plan=OFFLOAD_PLAN if self.offload else None)
+        return estimate, available_bytes(self.device)
 
     def _place(self, stage: str) -> None:
         if not self.offload:

@@ -82,6 +82,16 @@ def read_memory_stats(device: str | torch.device) -> MemoryStats:
     )
 
 
+def available_bytes(device: str | torch.device) -> int:
+    """What a run on `device` can count on: free memory plus what this process already holds there (its loaded
+    weights are part of any estimate, so they count as available to it)."""
+    device = _resolve_device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device)
+    return psutil.virtual_memory().available + psutil.Process().memory_info().rss
+
+
 def reset_peak(device: str | torch.device) -> None:
     """Restart CUDA peak tracking; a no-op elsewhere (use PeakRSSSampler for the CPU)."""
     device = _resolve_device(device)

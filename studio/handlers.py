@@ -131,10 +131,17 @@ def make_precheck(pool: EnginePool, mode: str):
 
     def precheck(*args):
         try:
-            check_request(pool, mode, dict(zip(names, args)))
+            options = check_request(pool, mode, dict(zip(names, args)))
         except ValueError as exc:
             return status_html(JobUpdate(stage="refused", message=f"Not started: {exc}"))
-        return gr.skip()
+        try:
+            fits, note = pool.memory_verdict(options)
+        except Exception as exc:  # an estimate must never stop a valid request
+            log.warning("memory estimate failed: %s", exc)
+            return gr.skip()
+        if not fits:
+            gr.Warning(f"{note} Try fewer frames or a smaller resolution.")
+        return status_html(JobUpdate(stage="queued", message=("" if fits else "⚠ ") + note))
 
     return precheck
 

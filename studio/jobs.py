@@ -43,6 +43,13 @@ class EnginePool:
         """Validate options against the preset without running (raises OptionsError)."""
         return self._engines[0].check(options)
 
+    def memory_verdict(self, options) -> tuple[bool, str]:
+        """Whether a run of `options` is expected to fit, judged on the device with the least memory available,
+        and one line saying so (raises OptionsError for invalid options)."""
+        verdicts = [engine.estimate_memory(options) for engine in self._engines]
+        estimate, available = min(verdicts, key=lambda pair: pair[1])
+        return estimate.verdict(available)
+
     def acquire(self, timeout: float | None = None):
         """Borrow a free engine, waiting up to `timeout` seconds; None when none became free."""
         try:

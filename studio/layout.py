@@ -14,7 +14,7 @@ from studio.handlers import make_generate, make_precheck, make_validator, refine
 from studio.history import gallery_value, list_history, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
 from studio.media_info import image_size, video_size
-from studio.panels import build_panels, memory_markdown, param_rows
+from studio.panels import build_panels, memory_markdown, param_rows, wire_estimate
 from studio.settings import StudioSettings
 from studio.tabs import build_extend, build_i2v, build_loop, build_t2v, load_examples
 
@@ -144,6 +144,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
         history = _build_history()
         shared = SharedControls(**prompt_parts, **settings_parts)
         wire_settings(preset, shared, duration)
+        wire_estimate(pool, shared, panels.estimate)
         refresh_history = _wire_history(demo, shared, tabs, history, settings, out["video"])
         ui = SimpleNamespace(tabs=tabs, tab_list=tab_list, shared=shared, out=out, panels=panels, history=history,
                              refresh_history=refresh_history, job=job_state, llm=llm_state, mode=mode_state,

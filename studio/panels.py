@@ -1,4 +1,5 @@
-"""Panels beside the outputs: memory (refreshed by a timer outside the GPU queue), parameters, and unload."""
+"""Panels beside the outputs: memory (refreshed by a timer outside the GPU queue) with the estimate for the chosen
+settings, parameters, and unload."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from pipelines.options import GenerationOptions
 from studio.jobs import EnginePool
 from pipelines.units import format_bytes, format_count
 
@@ -39,6 +41,20 @@ def memory_markdown(pool: EnginePool) -> str:
     return "\n\n".join(blocks)
 
 
+def estimate_markdown(pool: EnginePool, resolution, aspect_ratio, num_frames) -> str:
+    """The memory estimate of a text-to-video run at these settings (a reference image adds a guidance branch)."""
+    try:
+        options = GenerationOptions(prompt="estimate", resolution=resolution, aspect_ratio=aspect_ratio,
+                                    num_frames=int(num_frames))
+        fits, note = pool.memory_verdict(options)
+    except (TypeError, ValueError) as exc:  # settings the request check will explain
+        return f"Memory estimate: unavailable for these settings ({html.escape(str(exc))})."
+    except Exception as exc:  # a panel must never take the page down
+        log.warning("memory estimate failed: %s", exc)
+        return "Memory estimate: unavailable."
+    return f"{'' if fits else '⚠ '}{note} (text-to-video; a reference adds a guidance branch)"
+
+
 def param_rows(pool: EnginePool) -> list[list]:
     """Rows for the parameters table (the first engine's; all engines hold the same preset)."""
     engine = next(iter(pool))
@@ -58,9 +74,18 @@ def unload_models(pool: EnginePool) -> tuple[str, list[list]]:
     return message, param_rows(pool)
 
 
+def wire_estimate(pool: EnginePool, shared, estimate: gr.Markdown) -> None:
+    """Recompute the estimate whenever the frame size or the clip length changes."""
+    inputs = [shared.resolution, shared.aspect_ratio, shared.num_frames]
+    for source in inputs:
+        source.change(lambda *values: estimate_markdown(pool, *values), inputs, estimate, queue=False,
+                      api_visibility="private", show_progress="hidden")
+
+
 @dataclass
 class Panels:
     memory: gr.Markdown
+    estimate: gr.Markdown
     timer: gr.Timer
     params: gr.Dataframe
     unload: gr.Button
@@ -68,9 +93,12 @@ class Panels:
 
 
 def build_panels(pool: EnginePool, refresh_s: float) -> Panels:
-    """Memory panel with its timer, the parameters table and the unload button."""
+    """Memory panel with its timer and estimate, the parameters table and the unload button."""
     with gr.Accordion("Memory", open=True):
         memory = gr.Markdown(memory_markdown(pool), elem_id="memory-panel")
+        s = pool.preset.sampling
+        estimate = gr.Markdown(estimate_markdown(pool, s.resolution, s.aspect_ratio, s.num_frames),
+                               elem_id="memory-estimate")
         timer = gr.Timer(refresh_s)
         with gr.Row():
             unload = gr.Button("Free memory / unload models", size="sm", elem_id="unload")
@@ -82,4 +110,4 @@ def build_panels(pool: EnginePool, refresh_s: float) -> Panels:
     timer.tick(lambda: memory_markdown(pool), None, memory, queue=False, api_visibility="private",
                show_progress="hidden")
     unload.click(lambda: unload_models(pool), None, [unload_status, params], queue=False, api_visibility="private")
-    return Panels(memory, timer, params, unload, unload_status)
+    return Panels(memory, estimate, timer, params, unload, unload_status)

@@ -29,9 +29,11 @@ class GenerationStopped(Exception):
 class FakeEngine:
     """Emits a stage, then progress and previews per step; honours should_stop like the real engine."""
 
-    def __init__(self, steps: int = 5, delay_s: float = 0.0, fail: Exception | None = None):
+    def __init__(self, steps: int = 5, delay_s: float = 0.0, fail: Exception | None = None,
+                 need: int = 2**30, available: int = 2**34):
         self.preset, self.device, self.steps, self.delay_s, self.fail = get_preset("opensora-v2-256px"), "cpu", \
             steps, delay_s, fail
+        self.need, self.available = need, available
         self.state = SimpleNamespace(stage="idle", last_peak_bytes=None)
         self.unloaded = 0
 
@@ -45,6 +47,11 @@ class FakeEngine:
 
     def check(self, options):
         return options
+
+    def estimate_memory(self, options):
+        from pipelines.memory_estimate import MemoryEstimate
+
+        return MemoryEstimate(weights={"mmdit": 1}, stages={"sample": self.need}, device_type="cpu"), self.available
 
     def run(self, options, on_event, should_stop):
         on_event(SimpleNamespace(kind="stage", stage="sample", message="Sampling"))
@@ -226,3 +233,20 @@ def test_units_read_well():
     assert format_bytes(1536) == "1.50 KiB" and format_bytes(None) == "n/a"
     assert format_count(11_890_000_000) == "11.89B" and format_count(512) == "512"
     assert format_seconds(65) == "1 min 05 s" and format_seconds(None) == "?"
+
+
+def test_memory_verdict_uses_the_tightest_device_and_precheck_warns_but_lets_the_run_start(monkeypatch):
+    from studio import handlers
+    from studio.handlers import input_names, make_precheck
+
+    roomy, tight = FakeEngine(available=2**34), FakeEngine(available=2**31)
+    fits, line = EnginePool([roomy, tight]).memory_verdict(object())
+    assert fits and "2.00 GiB available" in line
+    warned = []
+    monkeypatch.setattr(handlers.gr, "Warning", lambda message: warned.append(message))
+    values = {"prompt": "a red circle", "resolution": "256px", "aspect_ratio": "1:1", "num_frames": 33}
+    args = [values.get(name) for name in input_names("t2v")]
+    status = make_precheck(EnginePool([FakeEngine(need=2**35)]), "t2v")(*args)
+    assert "run out of memory" in status and warned and "fewer frames" in warned[0]
+    status = make_precheck(EnginePool([FakeEngine()]), "t2v")(*args)
+    assert "Estimated peak" in status and "⚠" not in status
