@@ -85,3 +85,13 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path):
     assert rows[("t2v", "skipping")]["branch_evals_50_steps"] == 80
     assert rows[("i2v", "skipping")]["branch_evals_50_steps"] == 110
     assert info["vae_decode_shape"] == [1, 3, 9, 64, 64]
+
+
+def test_memory_bench_smoke_compares_measured_and_estimated_stages(tmp_path):
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/memory.py"), "--smoke", "--json", str(out)], check=True,
+                   timeout=300, capture_output=True)
+    row = json.loads(out.read_text())["results"][0]
+    assert row["frames"] == 9
+    for stage in ("sample", "decode"):
+        assert row[stage]["estimated_mib"] > 0 and row[stage]["measured_mib"] >= 0
