@@ -1,12 +1,13 @@
 """Rebuild the embedded default (`assets/shapes-default/`) end to end on Shapes clips.
 
-    python -m pipelines.training.train_default [--minutes-vae 47 --minutes-dit 72 --minutes-decoder 8]
+    python -m pipelines.training.train_default [--minutes-vae 47 --minutes-dit 72 --minutes-decoder 25]
     python -m pipelines.training.train_default --init-only     # random weights, labelled untrained
 
 1. trains the causal VAE (`shapes-vae` preset) for the VAE budget;
 2. measures its latent statistics and stores scale_factor / shift_factor so latents have ~unit variance;
 3. trains the MMDiT (`shapes-dit` preset: t2v, i2v head/tail/loop, v2v head/tail) on the frozen VAE + MiniLM;
-4. writes config.json, mmdit.safetensors (EMA weights) and vae.safetensors, fp32, atomically.
+4. fine-tunes the VAE's decoder alone (`shapes-decoder`: the latent space, so the MMDiT, stays valid);
+5. writes config.json, mmdit.safetensors (EMA weights) and vae.safetensors, fp32, atomically.
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes-vae", type=float, default=47.0)
     parser.add_argument("--minutes-dit", type=float, default=72.0)
-    parser.add_argument("--minutes-decoder", type=float, default=8.0, help="decoder-only VAE fine-tune (last)")
+    parser.add_argument("--minutes-decoder", type=float, default=25.0, help="decoder-only VAE fine-tune (last)")
     parser.add_argument("--dit-load", default=None, help="continue the DiT stage from this checkpoint folder")
     parser.add_argument("--reuse-dit", type=Path, default=None, help="skip the DiT stage: EMA of this checkpoint")
     parser.add_argument("--decoder-set", nargs="*", default=[], help="dotted overrides for the decoder stage")
