@@ -35,8 +35,7 @@ VAE_ACTIVATION_COPIES = 10
 HEADROOM = 1.1  # allocator caching and fragmentation
 # Published sizes of the pretrained text encoders (they come from transformers, not from a config here).
 TEXT_ENCODER_PARAMS = {"t5-clip": 4_762_310_656 + 123_060_480, "minilm": 22_713_216}
-TEXT_TOKENS = {"t5-clip": 512}
-TEMPORAL_COMPRESSION = 4
+TEXT_TOKENS = {"t5-clip": 512, "minilm": 32}  # the encoders pad to these lengths
 
 
 @dataclass(frozen=True)
@@ -93,10 +92,10 @@ def preset_params(preset: ModelPreset) -> dict[str, int]:
 
 
 def _dit_activations(preset: ModelPreset, opts: ResolvedOptions, element: int, device_type: str) -> int:
-    latent_frames = (opts.num_frames - 1) // TEMPORAL_COMPRESSION + 1
+    latent_frames = (opts.num_frames - 1) // preset.vae.get("time_compression_ratio", 4) + 1
     step = preset.spatial_compression
     video_tokens = latent_frames * -(-opts.height // step) * -(-opts.width // step)
-    text_tokens = TEXT_TOKENS.get(preset.text_encoder, 32)
+    text_tokens = TEXT_TOKENS.get(preset.text_encoder, 0)
     branches = 3 if opts.cond_type != "t2v" else 2
     hidden = preset.mmdit["hidden_size"]
     widths = DIT_ACTIVATION_WIDTHS["cuda" if device_type == "cuda" else "cpu"]
