@@ -18,6 +18,7 @@ from pipelines.sizes import closest_aspect_ratio, get_image_size, round_up
 log = logging.getLogger(__name__)
 
 AUTO_MOTION = "auto"
+LLM_STORAGE_KEY = "open-sora-studio-llm"  # the browser's localStorage entry for the LLM endpoint and model
 _MOTION_WORDS = {1: "still", 2: "very slow", 3: "slow", 4: "steady", 5: "lively", 6: "fast", 7: "very fast"}
 MOTION_CHOICES = [(f"{score} · {word}", str(score)) for score, word in _MOTION_WORDS.items()] + \
     [("auto (ask the LLM)", AUTO_MOTION)]
@@ -96,6 +97,23 @@ def session_llm(server: LLMConfig, base_url: str | None, model: str | None, api_
         return server
 
 
+def remember_llm(base_url: str | None, model: str | None) -> dict:
+    """What the browser keeps of the LLM settings between visits: the endpoint and model, never the key."""
+    return {"base_url": (base_url or "").strip(), "model": (model or "").strip()}
+
+
+def restore_llm(saved) -> tuple[str | None, str | None]:
+    """(base URL, model) a browser saved on an earlier visit; None where nothing usable was saved (the server's
+    setting stays)."""
+    saved = saved if isinstance(saved, dict) else {}
+
+    def pick(key: str) -> str | None:
+        value = saved.get(key)
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+    return pick("base_url"), pick("model")
+
+
 def llm_status(config: LLMConfig) -> str:
     """One line saying whether refinement is available and, if not, why."""
     if config.is_configured:
@@ -166,8 +184,9 @@ def build_prompt_block(server_llm: LLMConfig) -> tuple[dict, RefineControls]:
                           info="What the video should avoid (the sampler steers away from it).")
     with gr.Accordion("LLM settings", open=False):
         base_url = gr.Textbox(label="Base URL", value=server_llm.base_url or "",
-                              info="Any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama …); empty = OpenAI.")
-        model = gr.Textbox(label="Model", value=server_llm.model,
+                              info="Any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama …); empty = OpenAI. "
+                                   "This browser remembers it, and the model, for the next visit.")
+        model = gr.Textbox(label="Model", value=server_llm.model, elem_id="llm-model",
                            info="A vision model lets Image to video / Loop describe the uploaded image.")
         api_key = gr.Textbox(label="API key", type="password", value="",
                              placeholder="set on the server" if server_llm.api_key else "sk-…",

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.controls import (SharedControls, aspect_for_image, build_prompt_block, build_settings_block, llm_status,
-                             session_llm, wire_settings)
+from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
+                             build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.handlers import make_generate, make_precheck, make_validator, refine, stop_job, status_html
 from studio.history import gallery_value, list_history, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
@@ -151,7 +151,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
                              refine=refine_ctl)
         events = _wire_generation(pool, settings, ui)
         _wire_result_buttons(ui, events)
-        _wire_refine(settings, ui)
+        _wire_refine(demo, settings, ui)
         demo.load(lambda: (memory_markdown(pool), param_rows(pool)), None, [panels.memory, panels.params],
                   queue=False, api_visibility="private")
     demo.queue(max_size=settings.queue_size)
@@ -201,9 +201,15 @@ def _wire_result_buttons(ui, events: list) -> None:
     out["send"].click(send_to_extend, out["video"], [extend_video, ui.tabs, ui.mode], api_visibility="private")
 
 
-def _wire_refine(settings: StudioSettings, ui) -> None:
-    """LLM settings per session (the key stays on the server, never echoed) and the Refine button."""
+def _wire_refine(demo, settings: StudioSettings, ui) -> None:
+    """LLM settings per session, the base URL and model remembered by the browser (never the key, which stays in
+    this session on the server and is never echoed), and the Refine button."""
     ctl, by_mode = ui.refine, {tab.mode: tab for tab in ui.tab_list}
+    remembered = gr.BrowserState({}, storage_key=LLM_STORAGE_KEY)
+    for box in (ctl.base_url, ctl.model):
+        box.change(remember_llm, [ctl.base_url, ctl.model], remembered, queue=False, api_visibility="private")
+    demo.load(lambda saved: [gr.skip() if value is None else value for value in restore_llm(saved)], remembered,
+              [ctl.base_url, ctl.model], queue=False, api_visibility="private")
 
     def update_llm(base_url, model, api_key):
         config = session_llm(settings.llm, base_url, model, api_key)

@@ -59,5 +59,16 @@ def test_generate_send_to_extend_and_open_loop_in_the_browser(tmp_path):
             page.get_by_role("tab", name="Loop").click()
             for element in ("#loop-first", "#loop-last", "#generate-loop"):
                 page.locator(element).wait_for(state="visible", timeout=30_000)
+            assert "Estimated peak" in page.locator("#memory-estimate").inner_text()
+            # The browser remembers the LLM model across visits (BrowserState), never the key.
+            page.get_by_role("button", name=re.compile("^LLM settings")).click()
+            page.locator("#llm-model textarea, #llm-model input").first.fill("llava-remembered")
+            page.wait_for_timeout(1500)  # the change event stores it
+            page.reload()
+            page.get_by_role("button", name=re.compile("^LLM settings")).click()
+            model = page.locator("#llm-model textarea, #llm-model input").first
+            page.wait_for_function("() => { const e = document.querySelector('#llm-model textarea, #llm-model input');"
+                                   " return !!e && e.value === 'llava-remembered'; }", timeout=30_000)
+            assert model.input_value() == "llava-remembered"
         finally:
             browser.close()

@@ -250,3 +250,25 @@ def test_memory_verdict_uses_the_tightest_device_and_precheck_warns_but_lets_the
     assert "run out of memory" in status and warned and "fewer frames" in warned[0]
     status = make_precheck(EnginePool([FakeEngine()]), "t2v")(*args)
     assert "Estimated peak" in status and "⚠" not in status
+
+
+def test_browser_remembers_the_llm_endpoint_and_model_but_never_the_key():
+    from studio.controls import remember_llm, restore_llm
+
+    saved = remember_llm(" http://localhost:11434/v1 ", "llava")
+    assert saved == {"base_url": "http://localhost:11434/v1", "model": "llava"}
+    assert "api_key" not in saved and restore_llm(saved) == ("http://localhost:11434/v1", "llava")
+    # nothing saved, a cleared field, or a corrupted entry leave the server's settings in place
+    assert restore_llm(None) == restore_llm({}) == restore_llm("garbage") == (None, None)
+    assert restore_llm({"base_url": "", "model": 3}) == (None, None)
+
+
+def test_demo_keeps_llm_settings_in_browser_state_under_a_stable_key(tmp_path):
+    import gradio as gr
+
+    from studio import StudioSettings, build_demo
+    from studio.controls import LLM_STORAGE_KEY
+
+    demo = build_demo(EnginePool([FakeEngine()]), StudioSettings(output_dir=tmp_path))
+    stores = [b for b in demo.blocks.values() if isinstance(b, gr.BrowserState)]
+    assert [store.storage_key for store in stores] == [LLM_STORAGE_KEY]
