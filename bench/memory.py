@@ -5,7 +5,8 @@
 
 For each length it runs one 2-step t2v request and records, per stage, how far memory rose above the stage's start
 (process RSS sampled every 5 ms on CPU; the allocator's peak on CUDA), beside `pipelines.memory_estimate`'s
-activations for that stage. Ratios near 1 mean the estimate's constants fit this device.
+activations for that stage (with its 10% headroom, so a well-fitted constant shows a ratio near 0.9). On CUDA each
+stage restarts the allocator's peak counter, so the engine's own "peak of the last run" is not meaningful here.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ def measure(engine: Engine, frames: int) -> dict:
     estimate, _available = engine.estimate_memory(options)
     resident = sum(estimate.weights.values())
     peaks = StagePeaks(engine.device)
-    engine.run(options, on_event=peaks)
-    peaks.close()
+    try:
+        engine.run(options, on_event=peaks)
+    finally:
+        peaks.close()  # stops the sampling thread even when the run fails
     row = {"frames": frames}
     for stage in MEASURED_STAGES:
         estimated = estimate.stages[stage] - resident

@@ -141,7 +141,8 @@ class Engine:
         estimate = estimate_memory(self.preset, self.check(options), device_type=self.device.type,
                                    dtype=pick_dtype(self.device, self.preset.official),
                                    offload_plan=OFFLOAD_PLAN if self.offload else None)
-        return estimate, available_bytes(self.device)
+        held = sum(estimate.weights.values()) if self._components is not None else 0
+        return estimate, available_bytes(self.device, held)
 
     def _place(self, stage: str) -> None:
         if not self.offload:

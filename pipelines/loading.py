@@ -31,13 +31,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from pipelines.weight_files import (CheckpointError, TORCH_SUFFIXES, find_checkpoint_file, locate_checkpoint,
-                                   read_weight_map)
+from pipelines.weight_files import (MAX_LISTED, TORCH_SUFFIXES, CheckpointError, find_checkpoint_file,
+                                   locate_checkpoint, read_weight_map)
 
 logger = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("state_dict", "model")
-MAX_LISTED = 10
 HASH_CHUNK_BYTES = 1 << 20
 
 

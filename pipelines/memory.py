@@ -82,14 +82,14 @@ def read_memory_stats(device: str | torch.device) -> MemoryStats:
     )
 
 
-def available_bytes(device: str | torch.device) -> int:
-    """What a run on `device` can count on: free memory plus what this process already holds there (its loaded
-    weights are part of any estimate, so they count as available to it)."""
+def available_bytes(device: str | torch.device, held_bytes: int = 0) -> int:
+    """What a run on `device` can count on: free memory plus what this process already holds for it (the loaded
+    weights are part of any estimate: on CUDA the allocator's reserve, elsewhere `held_bytes`)."""
     device = _resolve_device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device)
-    return psutil.virtual_memory().available + psutil.Process().memory_info().rss
+    return psutil.virtual_memory().available + held_bytes
 
 
 def reset_peak(device: str | torch.device) -> None:

@@ -134,16 +134,21 @@ def make_precheck(pool: EnginePool, mode: str):
             options = check_request(pool, mode, dict(zip(names, args)))
         except ValueError as exc:
             return status_html(JobUpdate(stage="refused", message=f"Not started: {exc}"))
-        try:
-            fits, note = pool.memory_verdict(options)
-        except Exception as exc:  # an estimate must never stop a valid request
-            log.warning("memory estimate failed: %s", exc)
-            return gr.skip()
-        if not fits:
-            gr.Warning(f"{note} Try fewer frames or a smaller resolution.")
-        return status_html(JobUpdate(stage="queued", message=("" if fits else "⚠ ") + note))
+        fits, note = memory_note(pool, options)
+        return status_html(JobUpdate(stage="queued", message=note)) if note else gr.skip()
 
     return precheck
+
+
+def memory_note(pool: EnginePool, options: GenerationOptions) -> tuple[bool, str]:
+    """(expected to fit, the estimate's line, marked ⚠ with advice when it will not fit); (True, "") when the
+    estimate cannot be made (it must never stop a valid request)."""
+    try:
+        fits, note = pool.memory_verdict(options)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("memory estimate failed: %s", exc)
+        return True, ""
+    return fits, note if fits else f"⚠ {note} Try fewer frames or a smaller resolution."
 
 
 # ---- running -------------------------------------------------------------------------------------------------------
@@ -206,10 +211,14 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
     except ValueError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
     llm = values.get("llm") or server_llm
+    fits, memory = memory_note(pool, options)
+    if not fits:  # a warning, not a refusal: the estimate is approximate and the run may still fit
+        gr.Warning(memory)
+    warning = "" if fits else html.escape(memory)
     started = time.perf_counter()
     job.start()
     try:
-        yield gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate()), gr.skip()
+        yield gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate(), warning), gr.skip()
         options = _resolve_motion(options, llm)
         first_frame_recipe = None
         if options.image_first:
@@ -225,7 +234,7 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
             first_frame_recipe = str(first.recipe_path)
             options = replace(options, mode="i2v", references=(str(first.video_path),), i2v_position="head",
                               image_first=False, seed=first.seed)
-        for update, outputs in _stream(pool, options, job, progress):
+        for update, outputs in _stream(pool, options, job, progress, warning):
             yield outputs
         yield from _finish(update, started, first_frame_recipe)
     finally:

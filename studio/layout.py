@@ -144,7 +144,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
         history = _build_history()
         shared = SharedControls(**prompt_parts, **settings_parts)
         wire_settings(preset, shared, duration)
-        wire_estimate(pool, shared, panels.estimate)
+        wire_estimate(pool, shared, panels)
         refresh_history = _wire_history(demo, shared, tabs, history, settings, out["video"])
         ui = SimpleNamespace(tabs=tabs, tab_list=tab_list, shared=shared, out=out, panels=panels, history=history,
                              refresh_history=refresh_history, job=job_state, llm=llm_state, mode=mode_state,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from pipelines.options import GenerationOptions
-from studio.jobs import EnginePool
 from pipelines.units import format_bytes, format_count
+from studio.jobs import EnginePool
 
 log = logging.getLogger(__name__)
 PARAM_HEADERS = ["component", "parameters", "trainable", "dtype", "device", "checkpoint"]
@@ -45,7 +45,7 @@ def estimate_markdown(pool: EnginePool, resolution, aspect_ratio, num_frames) ->
     """The memory estimate of a text-to-video run at these settings (a reference image adds a guidance branch)."""
     try:
         options = GenerationOptions(prompt="estimate", resolution=resolution, aspect_ratio=aspect_ratio,
-                                    num_frames=int(num_frames))
+                                    num_frames=num_frames)  # validated (None: the preset's) by the estimate
         fits, note = pool.memory_verdict(options)
     except (TypeError, ValueError) as exc:  # settings the request check will explain
         return f"Memory estimate: unavailable for these settings ({html.escape(str(exc))})."
@@ -74,12 +74,13 @@ def unload_models(pool: EnginePool) -> tuple[str, list[list]]:
     return message, param_rows(pool)
 
 
-def wire_estimate(pool: EnginePool, shared, estimate: gr.Markdown) -> None:
-    """Recompute the estimate whenever the frame size or the clip length changes."""
+def wire_estimate(pool: EnginePool, shared, panels: Panels) -> None:
+    """Recompute the estimate when the frame size or the clip length changes, and with the memory timer (what is
+    available moves as other programs run)."""
     inputs = [shared.resolution, shared.aspect_ratio, shared.num_frames]
-    for source in inputs:
-        source.change(lambda *values: estimate_markdown(pool, *values), inputs, estimate, queue=False,
-                      api_visibility="private", show_progress="hidden")
+    for trigger in (*(source.change for source in inputs), panels.timer.tick):
+        trigger(lambda *values: estimate_markdown(pool, *values), inputs, panels.estimate, queue=False,
+                api_visibility="private", show_progress="hidden")
 
 
 @dataclass

@@ -94,4 +94,4 @@ def test_memory_bench_smoke_compares_measured_and_estimated_stages(tmp_path):
     row = json.loads(out.read_text())["results"][0]
     assert row["frames"] == 9
     for stage in ("sample", "decode"):
-        assert row[stage]["estimated_mib"] > 0 and row[stage]["measured_mib"] >= 0
+        assert row[stage]["estimated_mib"] > 0 and row[stage]["ratio"] is not None

@@ -7,19 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.models import build_causal_vae, build_mmdit
-from tests.golden import GOLDEN_DIR
+from tests.golden import GOLDEN_DIR, read_manifest
 
 RELEASED_MMDIT = dict(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
                       num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10_000,
                       qkv_bias=True, guidance_embed=False, fused_qkv=False, use_liger_rope=True, cond_embed=True,
                       from_pretrained="./ckpts/Open_Sora_v2.safetensors", grad_ckpt_settings=None, cache_dir=None)
 RELEASED_VAE = dict(in_channels=3, out_channels=3, layers_per_block=2, latent_channels=16)
-
-
-def read_manifest(name):
-    lines = (GOLDEN_DIR / name).read_text().splitlines()
-    rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
-    return [(key, tuple(int(s) for s in shape.split("x"))) for key, shape in rows]
 
 
 def state_manifest(module):

@@ -235,21 +235,26 @@ def test_units_read_well():
     assert format_seconds(65) == "1 min 05 s" and format_seconds(None) == "?"
 
 
-def test_memory_verdict_uses_the_tightest_device_and_precheck_warns_but_lets_the_run_start(monkeypatch):
+def test_memory_verdict_uses_the_tightest_device_and_a_run_that_will_not_fit_warns_but_runs(monkeypatch, tmp_path):
     from studio import handlers
-    from studio.handlers import input_names, make_precheck
+    from studio.handlers import generate, input_names, make_precheck
 
     roomy, tight = FakeEngine(available=2**34), FakeEngine(available=2**31)
     fits, line = EnginePool([roomy, tight]).memory_verdict(object())
     assert fits and "2.00 GiB available" in line
-    warned = []
-    monkeypatch.setattr(handlers.gr, "Warning", lambda message: warned.append(message))
     values = {"prompt": "a red circle", "resolution": "256px", "aspect_ratio": "1:1", "num_frames": 33}
     args = [values.get(name) for name in input_names("t2v")]
-    status = make_precheck(EnginePool([FakeEngine(need=2**35)]), "t2v")(*args)
-    assert "run out of memory" in status and warned and "fewer frames" in warned[0]
-    status = make_precheck(EnginePool([FakeEngine()]), "t2v")(*args)
-    assert "Estimated peak" in status and "⚠" not in status
+    assert "⚠" not in make_precheck(EnginePool([FakeEngine()]), "t2v")(*args)
+    too_big = EnginePool([FakeEngine(need=2**35)])
+    assert "run out of memory" in make_precheck(too_big, "t2v")(*args)  # shown while the request waits
+    warned = []  # the queued handler raises the toast (a queue=False event cannot show one)
+    monkeypatch.setattr(handlers.gr, "Warning", lambda message: warned.append(message))
+    monkeypatch.setattr(handlers, "_finish", lambda update, started, first=None: iter([("done",)]))
+    outputs = list(generate(too_big, "t2v", values, SessionJob(), LLMConfig()))
+    assert warned and "fewer frames" in warned[0]
+    statuses = [out[3] for out in outputs[:-1]]
+    assert all("run out of memory" in status for status in statuses)
+    assert outputs[-1] == ("done",)  # the run went ahead
 
 
 def test_browser_remembers_the_llm_endpoint_and_model_but_never_the_key():

@@ -266,7 +266,6 @@ def test_vae_object_weight_marks_exactly_the_object_pixels():
     assert torch.equal(weights, torch.where(on_object, 5.0, 1.0))
 
 
-
 def test_vae_object_margin_weights_the_background_ring_around_the_object():
     from pipelines.training.train import VAEStage
 
@@ -279,6 +278,8 @@ def test_vae_object_margin_weights_the_background_ring_around_the_object():
     assert torch.equal(weights, expected)
     with pytest.raises(ValueError, match="object_margin"):
         load_train_config("tiny-vae", ["object_margin=-1"])
+    with pytest.raises(ValueError, match="set object_weight"):
+        load_train_config("tiny-vae", ["object_margin=2"])
 
 
 class _FakeVAE:

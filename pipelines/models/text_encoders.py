@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+T5_MAX_LENGTH = 512  # Open-Sora 2.0 pads every prompt to 512 T5 tokens
+MINILM_MAX_LENGTH = 32  # the embedded default's captions fit in 32 MiniLM tokens
+# Tokens each encoder's `txt` has: what the MMDiT attends to beside the video.
+TEXT_TOKENS = {"t5-clip": T5_MAX_LENGTH, "minilm": MINILM_MAX_LENGTH}
+
 
 class TextEncoder(nn.Module):
     """Common surface: `forward(prompts) -> (txt, txt_ids, y_vec)`, `max_length`, `count_tokens`."""
@@ -34,7 +39,7 @@ def _txt_ids(txt: Tensor) -> Tensor:
 
 class T5ClipTextEncoder(TextEncoder):
     def __init__(self, t5_tokenizer, t5_model: nn.Module, clip_tokenizer, clip_model: nn.Module,
-                 t5_max_length: int = 512, clip_max_length: int = 77):
+                 t5_max_length: int = T5_MAX_LENGTH, clip_max_length: int = 77):
         super().__init__()
         self.tokenizer, self.t5 = t5_tokenizer, t5_model
         self.clip_tokenizer, self.clip = clip_tokenizer, clip_model
@@ -53,7 +58,7 @@ class T5ClipTextEncoder(TextEncoder):
 
 
 class MiniLMTextEncoder(TextEncoder):
-    def __init__(self, tokenizer, model: nn.Module, max_length: int = 32):
+    def __init__(self, tokenizer, model: nn.Module, max_length: int = MINILM_MAX_LENGTH):
         super().__init__()
         self.tokenizer, self.model, self.max_length = tokenizer, model, max_length
         self.requires_grad_(False).eval()

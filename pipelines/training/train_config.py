@@ -105,6 +105,8 @@ class TrainConfig:
         if self.object_weight < 0 or self.object_margin < 0:
             raise ValueError("object_weight and object_margin must not be negative, "
                              f"got {self.object_weight} and {self.object_margin}")
+        if self.object_margin and not self.object_weight:
+            raise ValueError("object_margin widens the object_weight region: set object_weight too")
 
 
 PRESETS: dict[str, dict] = {
