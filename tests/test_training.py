@@ -311,3 +311,32 @@ def test_train_default_refuses_a_zero_budget_instead_of_training_without_limit(t
         main([*flags, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert "must be positive" in capsys.readouterr().err
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_train_default_runs_every_stage_and_writes_a_preset_the_engine_generates_with(tmp_path):
+    """The one-command recipe end to end at toy size: VAE -> MMDiT -> decoder fine-tune -> preset -> a clip."""
+    import json
+
+    from pipelines.engine import Engine
+    from pipelines.options import GenerationOptions
+    from pipelines.presets import load_embedded_preset
+    from pipelines.training.train_config import TINY_MMDIT, TINY_VAE
+    from pipelines.training.train_default import main
+
+    small = ["data.size=32", "batch_size=2", "steps=2", "log_every=1", "ckpt_every=100"]
+    vae = ["data.num_frames=5", *small]
+    dit = [f"model={json.dumps(TINY_MMDIT)}", "data.num_frames=9", "data.long_frames=37", "data.pool_size=4",
+           "data.loop_pool_size=2", "data.long_pool_size=2", "data.encode_batch=4", "long_batch_size=2",
+           "long_every=2", *small]
+    out = tmp_path / "preset"
+    main(["--work", str(tmp_path / "work"), "--out", str(out), "--minutes-vae", "5", "--minutes-dit", "5",
+          "--minutes-decoder", "5", "--vae-set", f"vae={json.dumps(TINY_VAE)}", *vae, "--dit-set", *dit,
+          "--decoder-set", *vae])
+    config = json.loads((out / "config.json").read_text())
+    assert config["trained"] and config["training"]["steps"] == {"vae": 2, "dit": 2, "decoder": 2}
+    assert config["vae"]["latent_channels"] == TINY_VAE["latent_channels"]
+    assert config["vae"]["scale_factor"] != 1.0  # latents rescaled to unit variance from the measured std
+    engine = Engine(load_embedded_preset(out), output_dir=tmp_path / "outputs", preview_every=0).load()
+    made = engine.generate_frames(GenerationOptions(prompt="a red circle moving right", num_frames=9, num_steps=2,
+                                                    seed=1))
+    assert tuple(made.video.shape) == (3, 9, 64, 64)
