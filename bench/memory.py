@@ -5,7 +5,7 @@
 
 For each length it runs one 2-step t2v request and records, per stage, how far memory rose above the stage's start
 (process RSS sampled every 5 ms on CPU; the allocator's peak on CUDA), beside `pipelines.memory_estimate`'s
-activations for that stage (with its 10% headroom, so a well-fitted constant shows a ratio near 0.9). On CUDA each
+activations for that stage, its 10% headroom included (ratios near 1: the estimate matches this device). On CUDA each
 stage restarts the allocator's peak counter, so the engine's own "peak of the last run" is not meaningful here.
 """
 
