@@ -17,10 +17,11 @@ import gradio as gr
 
 from pipelines.options import GenerationOptions, OptionsError
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
+from pipelines.units import format_seconds
 from studio.controls import AUTO_MOTION, SharedControls, parse_motion
 from studio.jobs import EnginePool, JobUpdate, SessionJob, run_job
 from studio.media_info import count_video_frames
-from pipelines.units import format_seconds
+from studio.panels import memory_line
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def memory_note(pool: EnginePool, options: GenerationOptions) -> tuple[bool, str
     except Exception as exc:  # noqa: BLE001
         log.warning("memory estimate failed: %s", exc)
         return True, ""
-    return fits, note if fits else f"⚠ {note} Try fewer frames or a smaller resolution."
+    return fits, memory_line(fits, note)
 
 
 # ---- running -------------------------------------------------------------------------------------------------------

@@ -41,6 +41,11 @@ def memory_markdown(pool: EnginePool) -> str:
     return "\n\n".join(blocks)
 
 
+def memory_line(fits: bool, note: str) -> str:
+    """An estimate's line as the studio shows it: marked ⚠, with advice, when the request will not fit."""
+    return note if fits else f"⚠ {note} Try fewer frames or a smaller resolution."
+
+
 def estimate_markdown(pool: EnginePool, resolution, aspect_ratio, num_frames) -> str:
     """The memory estimate of a text-to-video run at these settings (a reference image adds a guidance branch)."""
     try:
@@ -52,7 +57,7 @@ def estimate_markdown(pool: EnginePool, resolution, aspect_ratio, num_frames) ->
     except Exception as exc:  # a panel must never take the page down
         log.warning("memory estimate failed: %s", exc)
         return "Memory estimate: unavailable."
-    return f"{'' if fits else '⚠ '}{note} (text-to-video; a reference adds a guidance branch)"
+    return f"{memory_line(fits, note)} (text-to-video; a reference adds a guidance branch)"
 
 
 def param_rows(pool: EnginePool) -> list[list]:
