@@ -12,7 +12,6 @@ decode of one 256px 129-frame latent; compare with Open-Sora's published 60 s / 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -81,9 +80,8 @@ def estimated_sampling_gb(preset, three_branches: bool) -> float:
     """The estimate for this script's sampling batch: MMDiT and VAE weights + activations (no text encoder here)."""
     opts = resolve_options(GenerationOptions(prompt="check", resolution="256px", aspect_ratio="16:9",
                                              num_frames=129), preset)
-    if three_branches:
-        opts = dataclasses.replace(opts, cond_type="i2v_head")
-    estimate = estimate_memory(preset, opts, device_type="cuda", dtype=torch.bfloat16)
+    estimate = estimate_memory(preset, opts, device_type="cuda", dtype=torch.bfloat16,
+                               branches=3 if three_branches else 2)
     return (estimate.stages["sample"] - estimate.weights["text_encoder"]) / 1e9
 
 

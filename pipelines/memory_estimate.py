@@ -100,9 +100,8 @@ def guidance_branches(opts: ResolvedOptions) -> int:
     return len(needed_branches(opts.guidance, opts.guidance_img, has_condition))
 
 
-def _dit_activations(preset: ModelPreset, opts: ResolvedOptions, element: int, device_type: str,
-                     branches: int) -> int:
-    vae = CausalVAEConfig.from_dict(preset.vae)
+def _dit_activations(preset: ModelPreset, vae: CausalVAEConfig, opts: ResolvedOptions, element: int,
+                     device_type: str, branches: int) -> int:
     latent_frames = (opts.num_frames - 1) // vae.time_compression_ratio + 1
     step = preset.spatial_compression
     video_tokens = latent_frames * -(-opts.height // step) * -(-opts.width // step)
@@ -111,9 +110,8 @@ def _dit_activations(preset: ModelPreset, opts: ResolvedOptions, element: int, d
     return branches * tokens * preset.mmdit["hidden_size"] * widths * element
 
 
-def _vae_activations(preset: ModelPreset, frames: int, height: int, width: int, element: int) -> int:
+def _vae_activations(vae: CausalVAEConfig, frames: int, height: int, width: int, element: int) -> int:
     """Feature maps of the widest full-resolution stage over `frames` frames of one tile, plus the fp32 video."""
-    vae = CausalVAEConfig.from_dict(preset.vae)
     if vae.use_spatial_tiling:
         tile_h, tile_w = min(height, vae.sample_size), min(width, vae.sample_size)
     else:
@@ -133,12 +131,13 @@ def estimate_memory(preset: ModelPreset, opts: ResolvedOptions, *, device_type: 
     branches = branches or guidance_branches(opts)
     # References are images (one frame each, encoded one at a time) or the clip's conditioning frames.
     reference_frames = opts.reference_frames or 1
+    vae = CausalVAEConfig.from_dict(preset.vae)
     activations = {
         "encode_text": 0,
-        "encode_references": (_vae_activations(preset, reference_frames, opts.height, opts.width, element)
+        "encode_references": (_vae_activations(vae, reference_frames, opts.height, opts.width, element)
                               if opts.references else 0),
-        "sample": _dit_activations(preset, opts, element, device_type, branches),
-        "decode": _vae_activations(preset, opts.num_frames, opts.height, opts.width, element),
+        "sample": _dit_activations(preset, vae, opts, element, device_type, branches),
+        "decode": _vae_activations(vae, opts.num_frames, opts.height, opts.width, element),
     }
     stages = {}
     for stage, extra in activations.items():
