@@ -134,6 +134,59 @@ def test_batch_loss_excludes_exactly_the_conditioned_frames():
     torch.testing.assert_close(get_batch_loss(changed, target, masks), manual)
 
 
+def test_batch_loss_weights_make_a_weighted_mean_that_keeps_its_scale():
+    pred, target = torch.randn(2, 3 * 4, 6), torch.randn(2, 3 * 4, 6)
+    masks = torch.tensor([[True, False, False], [False, False, False]])
+    sq = (pred - target).pow(2)
+    torch.testing.assert_close(get_batch_loss(pred, target, masks, weights=torch.ones_like(pred)),
+                               get_batch_loss(pred, target, masks))  # uniform weights: the plain loss
+    weights = torch.ones_like(pred)
+    weights[1, 5] = 11.0  # one token of sample 1 weighs 11x
+    weights[0, 0] = 50.0  # on a conditioned frame: excluded all the same
+    keep = torch.ones(2, 12)
+    keep[0, :4] = 0
+    manual = (sq * weights * keep[..., None]).sum() / (weights * keep[..., None]).sum()
+    torch.testing.assert_close(get_batch_loss(pred, target, masks, weights=weights), manual)
+    heavy, plain = target.clone(), target.clone()
+    heavy[1, 5] += 1.0  # the same error costs 11x more on the heavy token than on a plain one
+    plain[1, 6] += 1.0
+    torch.testing.assert_close(get_batch_loss(heavy, target, weights=weights),
+                               11 * get_batch_loss(plain, target, weights=weights))
+    with pytest.raises(ValueError, match="weights"):
+        get_batch_loss(pred, target, weights=torch.ones(2, 12))
+
+
+def test_latent_object_map_follows_the_causal_vae_grid():
+    from pipelines.training.latent_pool import latent_object_map
+
+    on_object = torch.zeros(1, 1, 9, 16, 16)
+    on_object[0, 0, 0, 1, 1] = 1  # frame 0 -> latent frame 0 (alone)
+    on_object[0, 0, 5, 9, 14] = 1  # frame 5 -> latent frame 2 (frames 5..8)
+    got = latent_object_map(on_object, time_ratio=4, space_ratio=4)  # (1, 3, 4, 4)
+    expected = torch.zeros(1, 3, 4, 4, dtype=torch.bool)
+    expected[0, 0, 0, 0] = expected[0, 2, 2, 3] = True
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="latent grid"):
+        latent_object_map(torch.zeros(1, 1, 8, 16, 16), 4, 4)
+
+
+def test_dit_object_weight_weighs_the_latents_that_encode_the_object(tmp_path):
+    from pipelines.sampling import pack
+    from pipelines.training.train import DiTStage
+
+    stage = DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}", "object_weight=3", "object_margin=1"]))
+    clips = stage.pool.short
+    assert clips.objects.shape == (len(clips), *clips.x0.shape[2:]) and clips.objects.dtype == torch.bool
+    assert clips.objects.any(dim=(2, 3)).all()  # every latent frame of every clip shows the object
+    assert not clips.objects.all(dim=(2, 3)).any()  # ...and never fills it
+    patch = stage.cfg.model["patch_size"]
+    weights = stage.latent_weights(clips.objects[:2], clips.x0.shape[1], patch)
+    expected = pack((1 + 3 * clips.objects[:2].float())[:, None].expand(-1, clips.x0.shape[1], -1, -1, -1), patch)
+    assert torch.equal(weights, expected) and set(weights.unique().tolist()) == {1.0, 4.0}
+    loss = stage.loss(stage.build_model(), 2, torch.Generator().manual_seed(0), step=0)
+    assert torch.isfinite(loss)
+
+
 def test_dotted_overrides_edit_nested_config():
     cfg = load_train_config("tiny-dit", ["model.hidden_size=64", "optim.lr=3e-4", "data.pool_size=8"])
     assert cfg.model["hidden_size"] == 64 and cfg.model["depth"] == 1

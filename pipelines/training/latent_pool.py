@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pipelines.text import build_prompt
 from pipelines.training.conditions import ClipReferences, draw_condition_types, encode_references
-from pipelines.training.shapes import ShapesDataset
+from pipelines.training.shapes import ShapesDataset, object_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +25,14 @@ _REF_FIELDS = [f.name for f in fields(ClipReferences)]
 
 @dataclass
 class ClipSet:
-    """Encoded clips of one length: latents (N, C, T_lat, h, w), references per field (N, C, k, h, w)."""
+    """Encoded clips of one length: latents (N, C, T_lat, h, w), references per field (N, C, k, h, w) and where
+    the object is on the latent grid (N, T_lat, h, w) bool."""
 
     x0: Tensor
     refs: dict[str, Tensor]
     captions: list[str]  # training format: "<caption> 24 FPS, 4 motion score."
     prompts: list[str]  # the studio's inference format of the same: "<caption>. 24 FPS. 4 motion score."
+    objects: Tensor
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -39,16 +41,33 @@ class ClipSet:
         return ClipReferences(**{name: self.refs[name][index] if name in self.refs else None for name in _REF_FIELDS})
 
 
+def latent_object_map(on_object: Tensor, time_ratio: int, space_ratio: int) -> Tensor:
+    """Pixel object masks (B, 1, T, H, W) -> (B, T_lat, h, w) bool on the causal VAE's latent grid: a latent is
+    on the object when any pixel it encodes is (latent frame 0 encodes frame 0 alone, latent frame k ≥ 1 frames
+    time_ratio·(k-1)+1 … time_ratio·k)."""
+    b, _, t, h, w = on_object.shape
+    if (t - 1) % time_ratio or h % space_ratio or w % space_ratio:
+        raise ValueError(f"a {t}×{h}×{w} clip does not fit the latent grid ({time_ratio}× time, "
+                         f"{space_ratio}× space)")
+    rest = on_object[:, 0, 1:].reshape(b, (t - 1) // time_ratio, time_ratio, h, w).amax(dim=2)
+    frames = torch.cat([on_object[:, 0, :1], rest], dim=1)  # (B, T_lat, H, W)
+    return torch.nn.functional.max_pool2d(frames, space_ratio) > 0
+
+
 @torch.no_grad()
 def encode_clip_set(vae, length: int, num_frames: int, size: int, loop_fraction: float, seed: int,
-                    encode_batch: int = 8) -> ClipSet:
-    """Render `length` clips and encode them and all their references with the VAE."""
+                    encode_batch: int = 8, object_margin: int = 0) -> ClipSet:
+    """Render `length` clips and encode them and all their references with the VAE; note where each object
+    lies on the latent grid (pixels within `object_margin` of it included)."""
     dataset = ShapesDataset(length, num_frames=num_frames, size=size, loop_fraction=loop_fraction, seed=seed)
-    latents, refs, captions, prompts = [], {}, [], []
+    latents, refs, captions, prompts, objects = [], {}, [], [], []
+    ratios = vae.config.time_compression_ratio, vae.config.spatial_compression_ratio
     for start in range(0, length, encode_batch):
         items = [dataset[i] for i in range(start, min(start + encode_batch, length))]
         x = torch.stack([item["video"] for item in items])  # (b, 3, T, H, W)
         latents.append(vae.encode(x))  # (b, C, T_lat, h, w)
+        on_object = object_pixels(x, [item["background"] for item in items], object_margin)
+        objects.append(latent_object_map(on_object, *ratios))
         for clip_refs in encode_references(x, vae):
             for name in _REF_FIELDS:
                 value = getattr(clip_refs, name)
@@ -56,7 +75,8 @@ def encode_clip_set(vae, length: int, num_frames: int, size: int, loop_fraction:
                     refs.setdefault(name, []).append(value)
         captions.extend(item["caption"] for item in items)
         prompts.extend(build_prompt(item["raw_caption"], item["fps"], item["motion_score"]) for item in items)
-    return ClipSet(torch.cat(latents), {k: torch.stack(v) for k, v in refs.items()}, captions, prompts)
+    return ClipSet(torch.cat(latents), {k: torch.stack(v) for k, v in refs.items()}, captions, prompts,
+                   torch.cat(objects))
 
 
 @dataclass
@@ -65,6 +85,7 @@ class PoolBatch:
     refs: list[ClipReferences]
     captions: list[str]
     cond_types: list[str]
+    objects: Tensor  # (B, T_lat, h, w) bool: latents on the object
 
 
 class LatentPool:
@@ -92,15 +113,16 @@ class LatentPool:
         config = self.long_config if long else self.short_config
         t_lat = clip_set.x0.shape[2]
         types = draw_condition_types(config, t_lat, batch, generator)
-        x0, refs, captions = [], [], []
+        x0, refs, captions, objects = [], [], [], []
         for cond_type in types:
             source = self.loop if cond_type == "i2v_loop" else clip_set
             index = int(torch.randint(len(source), (1,), generator=generator))
             x0.append(source.x0[index])
+            objects.append(source.objects[index])
             refs.append(source.references(index))
             use_prompt = float(torch.rand((), generator=generator)) < self.prompt_fraction
             captions.append(source.prompts[index] if use_prompt else source.captions[index])
-        return PoolBatch(torch.stack(x0), refs, captions, types)
+        return PoolBatch(torch.stack(x0), refs, captions, types, torch.stack(objects))
 
     def all_captions(self) -> list[str]:
         sets = [s for s in (self.short, self.loop, self.long) if s is not None]
@@ -130,16 +152,19 @@ class TextCache:
         return txt, y_vec
 
 
-def build_latent_pool(vae, data, condition_config: dict) -> LatentPool:
+def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0) -> LatentPool:
     """The three clip sets of a `DataConfig`, encoded with `vae` (sizes 0 leave a set out)."""
-    short = encode_clip_set(vae, data.pool_size, data.num_frames, data.size, 0.0, data.seed, data.encode_batch)
+
+    def encode(length: int, num_frames: int, loop_fraction: float, seed: int) -> ClipSet:
+        return encode_clip_set(vae, length, num_frames, data.size, loop_fraction, seed, data.encode_batch,
+                               object_margin)
+
+    short = encode(data.pool_size, data.num_frames, 0.0, data.seed)
     loop = long = None
     if data.loop_pool_size and condition_config.get("i2v_loop", 0) > 0:
-        loop = encode_clip_set(vae, data.loop_pool_size, data.num_frames, data.size, 1.0, data.seed + 1,
-                               data.encode_batch)
+        loop = encode(data.loop_pool_size, data.num_frames, 1.0, data.seed + 1)
     if data.long_pool_size and any(w > 0 for k, w in condition_config.items() if k.startswith("v2v")):
-        long = encode_clip_set(vae, data.long_pool_size, data.long_frames, data.size, 0.0, data.seed + 2,
-                               data.encode_batch)
+        long = encode(data.long_pool_size, data.long_frames, 0.0, data.seed + 2)
     logger.info("latent pool: %d clips, %d loop clips, %d long clips", len(short), len(loop) if loop else 0,
                 len(long) if long else 0)
     return LatentPool(short, loop, long, condition_config)

@@ -64,16 +64,23 @@ def token_loss_weights(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
 
 
 def get_batch_loss(pred: Tensor, target: Tensor, masks: Tensor | None = None,
-                   exclude_conditioned: bool = True) -> Tensor:
+                   exclude_conditioned: bool = True, weights: Tensor | None = None) -> Tensor:
     """MSE over packed tokens (B, L, C); with `masks` (B, T_lat) bool of conditioned latent frames and
-    `exclude_conditioned`, those frames' tokens are left out and the mean runs over the remaining ones."""
+    `exclude_conditioned`, those frames' tokens are left out and the mean runs over the remaining ones.
+
+    `weights` (B, L, C), e.g. more weight where the object is, turn the mean into a weighted mean (the loss keeps
+    its scale: uniform weights give the plain MSE)."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, L)
-    if masks is None or not exclude_conditioned:
-        return err.mean()
-    t_lat = masks.shape[1]
-    if err.shape[1] % t_lat:
-        raise ValueError(f"{err.shape[1]} tokens do not split into {t_lat} latent frames")
-    weights = token_loss_weights(masks.to(err.device), err.shape[1] // t_lat)  # (B, L)
-    return (err * weights).sum() / weights.sum().clamp(min=1.0)
+    if weights is not None and weights.shape != pred.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} do not match the prediction {tuple(pred.shape)}")
+    sq = (pred.float() - target.float()).pow(2)  # (B, L, C)
+    weights = torch.ones_like(sq) if weights is None else weights.float()
+    err, norm = (sq * weights).mean(dim=-1), weights.mean(dim=-1)  # (B, L) each
+    if masks is not None and exclude_conditioned:
+        t_lat = masks.shape[1]
+        if err.shape[1] % t_lat:
+            raise ValueError(f"{err.shape[1]} tokens do not split into {t_lat} latent frames")
+        keep = token_loss_weights(masks.to(err.device), err.shape[1] // t_lat)  # (B, L)
+        err, norm = err * keep, norm * keep
+    return err.sum() / norm.sum().clamp(min=1e-12)

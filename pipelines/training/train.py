@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipelines.models.mmdit import MMDiT, MMDiTConfig
 from pipelines.models.vae import CausalVAE, CausalVAEConfig
@@ -36,7 +35,7 @@ from pipelines.training.latent_pool import TextCache, build_latent_pool
 from pipelines.training.losses import dropout_condition, flow_interpolate, flow_target, get_batch_loss, sample_timesteps
 from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, LinearWarmupLR
 from pipelines.training.reporting import format_duration, log_cuda_memory, log_model_params
-from pipelines.training.shapes import BACKGROUNDS, ShapesDataset
+from pipelines.training.shapes import ShapesDataset, object_pixels
 from pipelines.training.train_config import TrainConfig, config_to_dict, load_train_config
 
 logger = logging.getLogger(__name__)
@@ -142,11 +141,7 @@ class VAEStage:
         missing inside it, so the decoder learns to draw blobs: small triangles came back as discs."""
         if not self.cfg.object_weight:
             return torch.ones_like(x[:, :1])
-        bg = torch.tensor([BACKGROUNDS[name] for name in backgrounds], dtype=x.dtype) / 127.5 - 1.0  # (B, 3)
-        on_object = ((x - bg[:, :, None, None, None]).abs().amax(dim=1, keepdim=True) > 0.05).to(x.dtype)
-        if self.cfg.object_margin:
-            m = self.cfg.object_margin
-            on_object = F.max_pool3d(on_object, kernel_size=(1, 2 * m + 1, 2 * m + 1), stride=1, padding=(0, m, m))
+        on_object = object_pixels(x, backgrounds, self.cfg.object_margin)
         return 1.0 + self.cfg.object_weight * on_object
 
 
@@ -158,7 +153,7 @@ class DiTStage:
         self.vae = load_frozen_vae(cfg)
         self.text = TextCache(load_text_encoder(cfg.text_max_length))
         started = time.time()
-        self.pool = build_latent_pool(self.vae, cfg.data, cfg.condition_config)
+        self.pool = build_latent_pool(self.vae, cfg.data, cfg.condition_config, cfg.object_margin)
         self.text.add(self.pool.all_captions())
         self.null_txt, self.null_y = self.text.lookup([""])
         logger.info("pool and text cache ready in %s (%d captions)", format_duration(time.time() - started),
@@ -195,7 +190,16 @@ class DiTStage:
                      txt=txt, txt_ids=prepare_txt_ids(b, txt.shape[1]), timesteps=t, y_vec=y_vec,
                      cond=pack(cond, patch))
         return get_batch_loss(pred, flow_target(x0_tokens, x1), conditioned_frame_mask(cond),
-                              cfg.exclude_conditioned_loss)
+                              cfg.exclude_conditioned_loss, self.latent_weights(batch.objects, x0.shape[1], patch))
+
+    def latent_weights(self, objects: torch.Tensor, channels: int, patch: int) -> torch.Tensor | None:
+        """Packed loss weights (B, L, C p²): 1 + `object_weight` on latents that encode the object, 1 elsewhere;
+        None without object_weight. The object covers a few latents of a frame, and its colour and outline are
+        what the prompt asks for, while the flat background is learned early."""
+        if not self.cfg.object_weight:
+            return None
+        weight = 1.0 + self.cfg.object_weight * objects.float()  # (B, T, h, w)
+        return pack(weight[:, None].expand(-1, channels, -1, -1, -1), patch)
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------------

@@ -77,8 +77,8 @@ class TrainConfig:
     long_every: int = 4  # dit: every k-th step trains on long clips (0: never)
     kl_weight: float = 1e-4  # vae: weight of the per-element mean KL
     mse_weight: float = 1.0  # vae: weight of the MSE term beside L1
-    object_weight: float = 0.0  # vae: extra loss weight on object pixels (they are a few percent of a frame)
-    object_margin: int = 0  # vae: the extra weight also covers background pixels this close to the object
+    object_weight: float = 0.0  # extra loss weight on object pixels (vae) or on latents encoding them (dit)
+    object_margin: int = 0  # the extra weight also covers background pixels this close to the object
     sample_posterior: bool = False  # vae: decode a posterior sample (True) or its mean (faster to learn)
     freeze_encoder: bool = False  # vae: fine-tune only the decoder (latents, and so a trained DiT, stay valid)
     steps: int = 100
