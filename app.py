@@ -1,7 +1,7 @@
 """Open-Sora Studio entry point.
 
     python app.py [--preset shapes-default] [--share] [--host 0.0.0.0] [--port 7860] [--device cuda:0,cuda:1]
-                  [--offload] [--output-dir outputs] [--weights-dir DIR]
+                  [--offload] [--output-dir outputs] [--weights-dir DIR] [--root-path /studio] [--mcp]
     gradio app.py -- --share          (reload mode: gradio's CLI passes arguments after `--` to this script)
 
 On Hugging Face Spaces the same file runs as is; `spaces.GPU` wraps the generation handlers when the `spaces`
@@ -11,6 +11,7 @@ package is installed. The default preset is embedded in assets/, so the studio s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -40,9 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where videos and their JSON recipes are saved (one pair per job)")
     parser.add_argument("--weights-dir", default=None, help="local folder with the official Open-Sora 2.0 weights")
     parser.add_argument("--queue-size", type=int, default=16, help="jobs that may wait in the queue")
+    parser.add_argument("--root-path", default=None,
+                        help="URL prefix when served behind a reverse proxy, e.g. /studio (or GRADIO_ROOT_PATH)")
+    parser.add_argument("--mcp", action="store_true", default=None,
+                        help="also serve the four endpoints as MCP tools (needs: pip install 'gradio[mcp]')")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         log.info("ignoring arguments not meant for the studio: %s", unknown)
+    if args.mcp and importlib.util.find_spec("mcp") is None:
+        parser.error("--mcp needs the MCP extra of gradio: pip install 'gradio[mcp]'")
     return args
 
 
@@ -87,8 +94,9 @@ def create_settings(args: argparse.Namespace) -> StudioSettings:
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, settings: StudioSettings, **kwargs):
     """Launch with Gradio 6's launch-time theme/css; only the output and asset folders are served."""
-    return demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                       allowed_paths=settings.served_paths(), theme=studio_theme(), css=STUDIO_CSS, **kwargs)
+    return demo.launch(server_name=args.host, server_port=args.port, share=args.share, root_path=args.root_path,
+                       mcp_server=args.mcp, allowed_paths=settings.served_paths(), theme=studio_theme(),
+                       css=STUDIO_CSS, **kwargs)
 
 
 if gr.NO_RELOAD:

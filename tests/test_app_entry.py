@@ -1,9 +1,12 @@
 """app.py as users start it: flags are documented and unknown arguments (reload mode, Spaces) are tolerated."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -13,5 +16,15 @@ def test_app_help_lists_the_studio_flags():
     result = subprocess.run([sys.executable, "app.py", "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=180, env=env)
     assert result.returncode == 0, result.stderr
-    for flag in ("--preset", "--share", "--host", "--port", "--device", "--offload", "--output-dir", "--weights-dir"):
+    for flag in ("--preset", "--share", "--host", "--port", "--device", "--offload", "--output-dir", "--weights-dir",
+                 "--root-path", "--mcp"):
         assert flag in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mcp") is not None, reason="the MCP extra is installed here")
+def test_mcp_flag_without_the_extra_says_what_to_install():
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    result = subprocess.run([sys.executable, "app.py", "--mcp"], cwd=REPO, capture_output=True, text=True,
+                            timeout=180, env=env)
+    assert result.returncode == 2
+    assert "pip install 'gradio[mcp]'" in result.stderr and "Traceback" not in result.stderr
