@@ -187,6 +187,32 @@ def test_dit_object_weight_weighs_the_latents_that_encode_the_object(tmp_path):
     assert torch.isfinite(loss)
 
 
+def test_latent_pool_cache_reuses_encoded_clips_for_the_same_vae_only(tmp_path, tiny_vae, monkeypatch):
+    from pipelines.training import latent_pool
+
+    data = load_train_config("tiny-dit").data
+    conditions = {"t2v": 1.0, "i2v_loop": 1.0, "v2v_head": 1.0}
+    built = latent_pool.build_latent_pool(tiny_vae, data, conditions, 1, tmp_path)
+    files = sorted(tmp_path.glob("clips-*.safetensors"))
+    assert len(files) == 3 and not list(tmp_path.glob(".*"))  # short, loop and long sets; no temp files left
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a cached clip set was encoded again")
+
+    monkeypatch.setattr(latent_pool, "encode_clip_set", no_encoding)
+    cached = latent_pool.build_latent_pool(tiny_vae, data, conditions, 1, tmp_path)
+    for name in ("short", "loop", "long"):
+        a, b = getattr(built, name), getattr(cached, name)
+        assert torch.equal(a.x0, b.x0) and torch.equal(a.objects, b.objects)
+        assert a.refs.keys() == b.refs.keys() and all(torch.equal(a.refs[k], b.refs[k]) for k in a.refs)
+        assert a.captions == b.captions and a.prompts == b.prompts
+    other = CausalVAE(tiny_vae.config)  # another VAE (fresh weights) must not reuse those latents
+    with pytest.raises(AssertionError, match="encoded again"):
+        latent_pool.build_latent_pool(other, data, conditions, 1, tmp_path)
+    with pytest.raises(AssertionError, match="encoded again"):  # nor another object margin
+        latent_pool.build_latent_pool(tiny_vae, data, conditions, 0, tmp_path)
+
+
 def test_dotted_overrides_edit_nested_config():
     cfg = load_train_config("tiny-dit", ["model.hidden_size=64", "optim.lr=3e-4", "data.pool_size=8"])
     assert cfg.model["hidden_size"] == 64 and cfg.model["depth"] == 1

@@ -3,17 +3,21 @@
 Encoding every batch through the VAE would cost as much as the DiT step on a CPU, so a pool of clips is rendered
 once and encoded once through the VAE's real `encode` (latents *and* every reference a condition type may use).
 Batches then draw clips from the pool: ordinary clips for t2v / i2v_head / i2v_tail, loop clips for i2v_loop and
-long clips for v2v.
+long clips for v2v. Encoded pools can be cached on disk (`data.pool_cache`) for later runs on the same VAE.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from pipelines.atomic_io import write_atomically
 from pipelines.text import build_prompt
 from pipelines.training.conditions import ClipReferences, draw_condition_types, encode_references
 from pipelines.training.shapes import ShapesDataset, object_pixels
@@ -21,6 +25,7 @@ from pipelines.training.shapes import ShapesDataset, object_pixels
 logger = logging.getLogger(__name__)
 
 _REF_FIELDS = [f.name for f in fields(ClipReferences)]
+CACHE_VERSION = 1  # bump when what a cached clip set holds changes
 
 
 @dataclass
@@ -152,12 +157,61 @@ class TextCache:
         return txt, y_vec
 
 
-def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0) -> LatentPool:
-    """The three clip sets of a `DataConfig`, encoded with `vae` (sizes 0 leave a set out)."""
+def vae_fingerprint(vae) -> str:
+    """SHA-256 of a VAE's config and weights: cached latents are valid for exactly this VAE."""
+    digest = hashlib.sha256(json.dumps(vae.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_clip_set(clips: ClipSet, path: Path) -> Path:
+    """Write a clip set as one safetensors file (captions in its metadata), atomically."""
+    import safetensors.torch
+
+    tensors = {"x0": clips.x0, "objects": clips.objects, **{f"refs.{k}": v for k, v in clips.refs.items()}}
+    metadata = {"captions": json.dumps(clips.captions), "prompts": json.dumps(clips.prompts)}
+    return write_atomically(path, ".safetensors", lambda tmp: safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
+
+
+def load_clip_set(path: Path) -> ClipSet:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    refs = {k.removeprefix("refs."): v for k, v in tensors.items() if k.startswith("refs.")}
+    return ClipSet(tensors["x0"], refs, json.loads(metadata["captions"]), json.loads(metadata["prompts"]),
+                   tensors["objects"])
+
+
+def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0,
+                      cache_dir: str | Path | None = None) -> LatentPool:
+    """The three clip sets of a `DataConfig`, encoded with `vae` (sizes 0 leave a set out).
+
+    With `cache_dir`, each set is looked up there first by a key of everything it depends on (the VAE's
+    fingerprint, the set's size, length, seed and loop share, the frame size and the object margin) and written
+    there after encoding, so later runs on the same VAE skip the encoding (~2 min per 1,000 clips on 2 cores)."""
+    fingerprint = vae_fingerprint(vae) if cache_dir else None
 
     def encode(length: int, num_frames: int, loop_fraction: float, seed: int) -> ClipSet:
-        return encode_clip_set(vae, length, num_frames, data.size, loop_fraction, seed, data.encode_batch,
-                               object_margin)
+        if not cache_dir:
+            return encode_clip_set(vae, length, num_frames, data.size, loop_fraction, seed, data.encode_batch,
+                                   object_margin)
+        spec = dict(version=CACHE_VERSION, vae=fingerprint, length=length, num_frames=num_frames, size=data.size,
+                    loop_fraction=loop_fraction, seed=seed, object_margin=object_margin)
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"clips-{key}.safetensors"
+        if path.is_file():
+            logger.info("latent pool: %d clips of %d frames from %s", length, num_frames, path)
+            return load_clip_set(path)
+        clips = encode_clip_set(vae, length, num_frames, data.size, loop_fraction, seed, data.encode_batch,
+                                object_margin)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_clip_set(clips, path)
+        return clips
 
     short = encode(data.pool_size, data.num_frames, 0.0, data.seed)
     loop = long = None

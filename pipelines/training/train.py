@@ -153,7 +153,8 @@ class DiTStage:
         self.vae = load_frozen_vae(cfg)
         self.text = TextCache(load_text_encoder(cfg.text_max_length))
         started = time.time()
-        self.pool = build_latent_pool(self.vae, cfg.data, cfg.condition_config, cfg.object_margin)
+        self.pool = build_latent_pool(self.vae, cfg.data, cfg.condition_config, cfg.object_margin,
+                                      cfg.data.pool_cache or None)
         self.text.add(self.pool.all_captions())
         self.null_txt, self.null_y = self.text.lookup([""])
         logger.info("pool and text cache ready in %s (%d captions)", format_duration(time.time() - started),

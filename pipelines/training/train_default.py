@@ -163,7 +163,8 @@ def train_dit(work: Path, vae: CausalVAE, minutes: float, overrides: list[str],
 
     cfg = load_train_config("shapes-dit", [f"outputs={work / 'dit'}", f"time_budget_min={minutes}",
                                            f"vae={json.dumps(vae.config.to_dict())}",
-                                           f"vae_weights={work / 'vae.safetensors'}", *overrides])
+                                           f"vae_weights={work / 'vae.safetensors'}",
+                                           f"data.pool_cache={work / 'pool-cache'}", *overrides])
     stats_file = work / "dit_stats.json"
     before = json.loads(stats_file.read_text())["wall_time_s"] if load and stats_file.is_file() else 0.0
     result = train(cfg, load=load)
