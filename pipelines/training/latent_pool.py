@@ -25,7 +25,7 @@ from pipelines.training.shapes import ShapesDataset, object_pixels
 logger = logging.getLogger(__name__)
 
 _REF_FIELDS = [f.name for f in fields(ClipReferences)]
-CACHE_VERSION = 1  # bump when what a cached clip set holds changes
+CACHE_VERSION = 1  # bump when what a cached clip set holds, or how clips are drawn, captioned or encoded, changes
 
 
 @dataclass
