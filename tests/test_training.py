@@ -170,8 +170,9 @@ def test_latent_object_map_follows_the_causal_vae_grid():
         latent_object_map(torch.zeros(1, 1, 8, 16, 16), 4, 4)
 
 
-def test_dit_object_weight_weighs_the_latents_that_encode_the_object(tmp_path):
+def test_dit_object_weight_weighs_the_latents_that_encode_the_object(tmp_path, monkeypatch):
     from pipelines.sampling import pack
+    from pipelines.training import train
     from pipelines.training.train import DiTStage
 
     stage = DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}", "object_weight=3", "object_margin=1"]))
@@ -183,8 +184,19 @@ def test_dit_object_weight_weighs_the_latents_that_encode_the_object(tmp_path):
     weights = stage.latent_weights(clips.objects[:2], clips.x0.shape[1], patch)
     expected = pack((1 + 3 * clips.objects[:2].float())[:, None].expand(-1, clips.x0.shape[1], -1, -1, -1), patch)
     assert torch.equal(weights, expected) and set(weights.unique().tolist()) == {1.0, 4.0}
-    loss = stage.loss(stage.build_model(), 2, torch.Generator().manual_seed(0), step=0)
-    assert torch.isfinite(loss)
+    seen = []
+
+    def spy(pred, target, masks, exclude, weights):
+        seen.append(weights)
+        return get_batch_loss(pred, target, masks, exclude, weights)
+
+    monkeypatch.setattr(train, "get_batch_loss", spy)
+    model = stage.build_model()
+    weighted = stage.loss(model, 2, torch.Generator().manual_seed(0), step=0)
+    assert torch.isfinite(weighted) and seen[-1] is not None and set(seen[-1].unique().tolist()) <= {1.0, 4.0}
+    stage.cfg.object_weight = 0.0
+    plain = stage.loss(model, 2, torch.Generator().manual_seed(0), step=0)  # the same batch, noise and t
+    assert seen[-1] is None and not torch.allclose(weighted, plain)
 
 
 def test_latent_pool_cache_reuses_encoded_clips_for_the_same_vae_only(tmp_path, tiny_vae, monkeypatch):

@@ -106,8 +106,8 @@ def evaluate_loop(engine: Engine, n: int, seed: int, frames: int, folder: Path) 
 def evaluate_extend(engine: Engine, n: int, seed: int, frames: int, folder: Path) -> dict:
     """Extend the first 33 frames of a scene to `frames`. The continuation is judged against the same scene carried
     on by the world's rules (a deterministic function of the given clip: constant speed, bounce at the edges), so an
-    object that reaches the edge at the cut must bounce back. `direction_same_as_clip_end` is the older, stricter
-    reading (the direction of the clip's last 9 frames), which marks such a correct bounce as wrong."""
+    object that reaches the edge at the cut must bounce back: `direction_follows_world`. `direction_same_as_clip_end`
+    is the older reading (the direction of the clip's last 9 frames), which marks such a correct bounce as wrong."""
     kept, direction, same_as_end = [], [], []
     given_frames = 33
     prompts = [p for p in sample_eval_prompts(4 * n, seed + 3, num_frames=given_frames)
@@ -125,7 +125,7 @@ def evaluate_extend(engine: Engine, n: int, seed: int, frames: int, folder: Path
         went = motion_direction(raw[given_frames - 1:])
         direction.append(float(went == motion_direction(world[given_frames - 1:])))
         same_as_end.append(float(went == motion_direction(truth[-9:])))
-    return {"clips": len(kept), "kept_frames_psnr_db": _mean(kept), "direction_continues": _mean(direction),
+    return {"clips": len(kept), "kept_frames_psnr_db": _mean(kept), "direction_follows_world": _mean(direction),
             "direction_same_as_clip_end": _mean(same_as_end)}
 
 

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from pipelines.atomic_io import write_atomically
 from pipelines.text import build_prompt
-from pipelines.training.conditions import ClipReferences, draw_condition_types, encode_references
+from pipelines.training.conditions import (V2V_EASY_FRAMES, V2V_FRAMES, ClipReferences, draw_condition_types,
+                                           encode_references)
 from pipelines.training.shapes import ShapesDataset, object_pixels
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def vae_fingerprint(vae) -> str:
     digest = hashlib.sha256(json.dumps(vae.config.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -191,9 +192,11 @@ def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0,
                       cache_dir: str | Path | None = None) -> LatentPool:
     """The three clip sets of a `DataConfig`, encoded with `vae` (sizes 0 leave a set out).
 
-    With `cache_dir`, each set is looked up there first by a key of everything it depends on (the VAE's
-    fingerprint, the set's size, length, seed and loop share, the frame size and the object margin) and written
-    there after encoding, so later runs on the same VAE skip the encoding (~2 min per 1,000 clips on 2 cores)."""
+    With `cache_dir`, each set is looked up there first by a key of its parameters (the VAE's fingerprint, the
+    set's size, length, seed and loop share, the frame size, the object margin, the v2v reference lengths and
+    CACHE_VERSION, which stands for the code that draws and encodes clips) and written there after encoding, so
+    later runs on the same VAE skip the encoding (~2 min per 1,000 clips on 2 cores). Nothing is ever pruned:
+    sets for other VAEs stay until removed by hand (~1 GB per 8,192 clips of 33 frames with their references)."""
     fingerprint = vae_fingerprint(vae) if cache_dir else None
 
     def encode(length: int, num_frames: int, loop_fraction: float, seed: int) -> ClipSet:
@@ -201,7 +204,8 @@ def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0,
             return encode_clip_set(vae, length, num_frames, data.size, loop_fraction, seed, data.encode_batch,
                                    object_margin)
         spec = dict(version=CACHE_VERSION, vae=fingerprint, length=length, num_frames=num_frames, size=data.size,
-                    loop_fraction=loop_fraction, seed=seed, object_margin=object_margin)
+                    loop_fraction=loop_fraction, seed=seed, object_margin=object_margin,
+                    v2v_frames=[V2V_FRAMES, V2V_EASY_FRAMES])
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"clips-{key}.safetensors"
         if path.is_file():

@@ -75,7 +75,7 @@ def get_batch_loss(pred: Tensor, target: Tensor, masks: Tensor | None = None,
     if weights is not None and weights.shape != pred.shape:
         raise ValueError(f"weights {tuple(weights.shape)} do not match the prediction {tuple(pred.shape)}")
     sq = (pred.float() - target.float()).pow(2)  # (B, L, C)
-    weights = torch.ones_like(sq) if weights is None else weights.float()
+    weights = torch.ones_like(sq) if weights is None else weights.to(sq.device, torch.float32)
     err, norm = (sq * weights).mean(dim=-1), weights.mean(dim=-1)  # (B, L) each
     if masks is not None and exclude_conditioned:
         t_lat = masks.shape[1]
