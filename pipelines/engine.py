@@ -21,13 +21,13 @@ from pipelines.components import Components, load_components, pick_device, pick_
 from pipelines.memory import (MemoryStats, ParamStats, PeakRSSSampler, available_bytes, count_params, free_memory,
                               read_memory_stats, reset_peak)
 from pipelines.memory_estimate import MemoryEstimate, estimate_memory
-from pipelines.options import GenerationOptions, ResolvedOptions, resolve_options, with_seed
+from pipelines.options import MAX_SEED, GenerationOptions, ResolvedOptions, resolve_options, with_seed
 from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
 from pipelines.sampling import DenoiseCounter, GenerationStopped, GuidanceOptions, StepInfo
 from pipelines.saving import SavedResult, save_result
-from pipelines.stages import (decode_video, encode_references, encode_text, fit_preview_projection, latent_shape,
-                              load_reference_pixels, preview_strip, sample, stitch_extension)
+from pipelines.stages import (clip_references, decode_video, encode_references, encode_text, fit_preview_projection,
+                              latent_shape, load_reference_pixels, preview_strip, sample, stitch_extension)
 from pipelines.text import build_prompt
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,15 @@ class GenerationResult:
 class GeneratedVideo:
     options: ResolvedOptions
     video: torch.Tensor  # (3, T, H, W) in [-1, 1]: what is saved (extensions include the user's clip)
-    raw: torch.Tensor  # (3, T, H, W) the decoded sample before stitching
+    raw: torch.Tensor  # (3, T, H, W) the decoded sample before stitching (the last segment's, for Extend)
     refined_prompt: str | None
     final_prompt: str
     motion_score: int
     counter: DenoiseCounter
     timings: dict
     warnings: list[str]
+    segments_done: int = 1
+    stopped_early: bool = False  # Stop came during a later segment: the finished ones are kept and saved
 
 
 EventCallback = Callable[[object], None]
@@ -198,7 +200,8 @@ class Engine:
 
     def _run(self, opts: ResolvedOptions, emit, stop, peak) -> GenerationResult:
         made = self._generate(opts, emit, stop)
-        self._stage("save", "Saving the video", emit, stop)
+        # After a Stop during a later segment the finished segments are saved all the same.
+        self._stage("save", "Saving the video", emit, (lambda: False) if made.stopped_early else stop)
         recipe = self._recipe(made, peak)
         saved: SavedResult = save_result(made.video, self.output_dir, recipe, opts.fps, opts.mode, opts.seed,
                                          opts.name)
@@ -223,32 +226,61 @@ class Engine:
         text, negative = encode_text(c.text_encoder, final_prompt, opts.negative_prompt)
         timings["encode_text"] = time.perf_counter() - mark
 
-        mark = time.perf_counter()
-        self._stage("encode_references", "Encoding the references", emit, stop)
-        pixels = load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
-        refs = encode_references(c.vae, pixels, text.txt.device, c.dtype)
-        timings["encode_references"] = time.perf_counter() - mark
+        pixels = None
+        video = raw = None
+        counter, done, stopped_early = DenoiseCounter(), 0, False
+        for segment in range(opts.segments):
+            try:
+                pixels = (load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
+                          if pixels is None else clip_references(opts.cond_type, video, pixels.source_fps))
+                raw = self._segment(opts, text, negative, pixels, segment, counter, timings, emit, stop)
+            except GenerationStopped:
+                if segment == 0:
+                    raise
+                warnings.append(f"stopped during segment {segment + 1} of {opts.segments}: the {segment} finished "
+                                f"segment(s) were kept ({video.shape[1]} frames)")
+                stopped_early = True
+                break
+            video, done = stitch_extension(opts.cond_type, raw, pixels), segment + 1
+            if opts.segments > 1:
+                emit(StageEvent("decode", f"Segment {done} of {opts.segments} done: {video.shape[1]} frames"))
+        timings["total"] = time.perf_counter() - t0
+        return GeneratedVideo(opts, video, raw, refined, final_prompt, motion, counter, timings, warnings, done,
+                              stopped_early)
+
+    def _segment(self, opts: ResolvedOptions, text, negative, pixels, segment: int, counter, timings: dict, emit,
+                 stop) -> torch.Tensor:
+        """Encode the references, sample and decode one video (one segment of an extension); returns the raw
+        decoded frames. Stage times add up over segments."""
+        c = self.components
+        label = f"Segment {segment + 1} of {opts.segments}: " if opts.segments > 1 else ""
+
+        def timed(name: str, started: float) -> None:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
 
         mark = time.perf_counter()
-        self._stage("sample", f"Sampling 0/{opts.num_steps}", emit, stop)
+        self._stage("encode_references", f"{label}Encoding the references", emit, stop)
+        refs = encode_references(c.vae, pixels, text.txt.device, c.dtype)
+        timed("encode_references", mark)
+
+        mark = time.perf_counter()
+        self._stage("sample", f"{label}Sampling 0/{opts.num_steps}", emit, stop)
         latent = latent_shape(c.vae, opts.num_frames, opts.height, opts.width)
-        counter = DenoiseCounter()
         guidance = GuidanceOptions(num_steps=opts.num_steps, guidance=opts.guidance, guidance_img=opts.guidance_img,
                                    text_osci=opts.text_osci, image_osci=opts.image_osci,
                                    scale_temporal_osci=opts.scale_temporal_osci, shift=opts.shift,
                                    flow_shift=opts.flow_shift)
+        seed = (opts.seed + segment) % (MAX_SEED + 1)  # each segment draws its own noise, reproducibly
         with torch.inference_mode():
-            z = sample(c.mmdit, text, negative, refs, opts.cond_type, latent, opts.seed, guidance,
+            z = sample(c.mmdit, text, negative, refs, opts.cond_type, latent, seed, guidance,
                        callback=self._progress_callback(emit, latent, mark), should_stop=stop, counter=counter)
-        timings["sample"] = time.perf_counter() - mark
+        timed("sample", mark)
 
         mark = time.perf_counter()
-        self._stage("decode", "Decoding frames", emit, stop)
+        self._stage("decode", f"{label}Decoding frames", emit, stop)
         raw = decode_video(c.vae, z, opts.num_frames)
-        timings["decode"] = time.perf_counter() - mark
-        timings["total"] = time.perf_counter() - t0
-        return GeneratedVideo(opts, stitch_extension(opts.cond_type, raw, pixels), raw, refined, final_prompt,
-                              motion, counter, timings, warnings)
+        timed("decode", mark)
+        return raw
 
     def _refine(self, opts: ResolvedOptions, emit, stop, warnings: list[str]):
         """Optional LLM stages; any failure keeps the user's prompt and says why (never silently)."""
@@ -291,7 +323,7 @@ class Engine:
                        "negative": opts.negative_prompt},
             "options": {**opts.to_dict(), "motion_score": made.motion_score}, "seed": opts.seed,
             "output": {"frames": int(video.shape[1]), "height": int(video.shape[2]), "width": int(video.shape[3]),
-                       "fps": opts.fps},
+                       "fps": opts.fps, "segments": made.segments_done},
             "sampler": {"forwards": made.counter.forwards, "branch_evaluations": made.counter.branch_evals},
             "timings_s": {k: round(v, 3) for k, v in made.timings.items()},
             "peak_memory_bytes": peak.peak_device_bytes or peak.peak_rss_bytes,

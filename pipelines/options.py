@@ -18,6 +18,7 @@ MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
 MOTION_SCORES = tuple(range(1, 8))
 MAX_PROMPT_CHARS = 20_000
+MAX_SEGMENTS = 8  # Extend: each segment continues from the last one's frames
 
 
 class OptionsError(ValueError):
@@ -49,6 +50,7 @@ class GenerationOptions:
     i2v_position: str = "head"  # head: the image is the first frame; tail: the last
     extend_direction: str = "forward"  # forward: continue after the clip; backward: lead into it
     extend_easy: bool = False  # condition on 65 frames instead of 33
+    segments: int = 1  # extend: repeat the extension, each segment continuing from the video so far
     refine: bool = False  # refine the prompt with the configured LLM
     image_first: bool = False  # t2v: make the first frame (t2i), then animate it (i2v)
     name: str | None = None  # optional file name part (sanitised)
@@ -92,6 +94,7 @@ class ResolvedOptions:
     seed: int | None
     references: tuple[str, ...]
     reference_frames: int  # clip frames the condition uses (extend), else 0
+    segments: int  # extension segments (1 outside Extend)
     refine: bool
     image_first: bool
     name: str | None
@@ -215,6 +218,9 @@ def resolve_options(opts: GenerationOptions, preset) -> ResolvedOptions:
         if num_frames <= reference_frames:
             raise OptionsError(f"extending needs more than the {reference_frames} conditioning frames: "
                                f"set the number of frames to at least {reference_frames + 4}")
+    segments = _whole("segments", opts.segments, 1, MAX_SEGMENTS)
+    if segments > 1 and opts.mode != "extend":
+        raise OptionsError("only Extend runs in segments; use one segment for other modes")
     motion = opts.motion_score if opts.motion_score is not None else sampling.motion_score
     if motion != "dynamic":
         motion = _whole("motion score", motion, 1, 7)
@@ -233,7 +239,7 @@ def resolve_options(opts: GenerationOptions, preset) -> ResolvedOptions:
         scale_temporal_osci=bool(opts.scale_temporal_osci), shift=bool(opts.shift),
         flow_shift=None if opts.flow_shift is None else _finite("flow shift", opts.flow_shift, 0.01, 100),
         seed=seed, references=tuple(r for r in opts.references if r), reference_frames=reference_frames,
-        refine=bool(opts.refine), image_first=bool(opts.image_first) and opts.mode == "t2v", name=opts.name,
+        segments=segments, refine=bool(opts.refine), image_first=bool(opts.image_first) and opts.mode == "t2v", name=opts.name,
         resolution=resolution, aspect_ratio=aspect_ratio)
 
 

@@ -56,11 +56,17 @@ def load_reference_pixels(cond_type: str, paths: tuple[str, ...], height: int, w
     if clip.shape[1] < spec.video_frames:
         raise MediaError(f"only {clip.shape[1]} frames of the clip could be decoded; extending needs "
                          f"{spec.video_frames}")
-    clip = resize_crop(clip, height, width)  # (3, T, H, W)
-    # Forward extension continues from the clip's end: its last frames become the new video's head.
+    return clip_references(cond_type, resize_crop(clip, height, width), fps)
+
+
+def clip_references(cond_type: str, clip: Tensor, source_fps: float | None = None) -> ReferencePixels:
+    """The references an extension takes from a clip (3, T, H, W) at output size: forward extension continues
+    from the clip's end (its last frames become the new video's head), backward leads into its start. A later
+    segment of a multi-segment extension passes the video made so far."""
+    spec = reference_spec(cond_type)
     head = clip[:, -spec.video_frames:] if spec.head else None
     tail = clip[:, :spec.video_frames] if spec.tail else None
-    return ReferencePixels(head=head, tail=tail, clip=clip, source_fps=fps)
+    return ReferencePixels(head=head, tail=tail, clip=clip, source_fps=source_fps)
 
 
 @torch.inference_mode()

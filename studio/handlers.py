@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 
 SHARED_NAMES = [name for name in SharedControls.__dataclass_fields__]
 TAB_NAMES = {"t2v": ["image_first"], "i2v": ["image", "image_position"], "loop": ["first_image", "last_image"],
-             "extend": ["video", "direction", "easy"]}
+             "extend": ["video", "direction", "easy", "segments"]}
 STATE_NAMES = ["job", "llm"]
 # Which input a validation message belongs to, by the words it uses (first match wins).
 _FIELD_WORDS = (("num_frames", ("number of frames", "4k+1", "frames is more")), ("video", ("clip", "video")),
+                ("segments", ("segment",)),
                 ("image", ("image",)), ("num_steps", ("steps",)), ("guidance_img", ("image guidance",)),
                 ("guidance", ("guidance",)), ("seed", ("seed",)), ("fps", ("fps",)), ("motion_score", ("motion",)),
                 ("aspect_ratio", ("aspect", "too large", "height", "width")), ("resolution", ("resolution",)))
@@ -71,8 +72,10 @@ def _references(mode: str, values: dict) -> tuple[tuple[str, ...], dict]:
             raise OptionsError("Loop: upload the first image (the last image alone is not enough)")
         return tuple(str(p) for p in (first, last) if p), {}
     video = values.get("video")
+    segments = values.get("segments")
     return ((str(video),) if video else ()), {"extend_direction": _direction(values.get("direction")),
-                                              "extend_easy": bool(values.get("easy"))}
+                                              "extend_easy": bool(values.get("easy")),
+                                              "segments": 1 if segments is None else segments}
 
 
 def _position(value) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines.options import MAX_SEGMENTS
+
 log = logging.getLogger(__name__)
 
 TAB_LABELS = {"t2v": "Text to video", "i2v": "Image to video", "loop": "Loop", "extend": "Extend"}
@@ -92,8 +94,12 @@ def build_extend(prompt, examples: dict) -> Tab:
                                                          "on its first frames.")
             easy = gr.Checkbox(label="Easy (65 frames of context)", value=False,
                                info="Condition on 65 frames instead of 33: steadier, needs a longer clip.")
+        segments = gr.Slider(1, MAX_SEGMENTS, value=1, step=1, label="Segments", elem_id="extend-segments",
+                             info="Repeat the extension, each segment continuing from the video so far. Stop "
+                                  "during a later segment keeps the finished ones.")
         gr.Markdown("The clip needs at least 33 frames (65 with *easy*); the new video's frame count must exceed "
-                    "that. The result is the original clip plus the new frames.")
+                    "that, and each segment adds that many frames less the context. The result is the original "
+                    "clip plus the new frames.")
         button = gr.Button("Generate", variant="primary", elem_id="generate-extend")
         _examples(examples.get("extend", []), ["prompt", "video"], [prompt, video], "Examples")
-    return Tab("extend", tab, [video, direction, easy], button, uploads=[video])
+    return Tab("extend", tab, [video, direction, easy, segments], button, uploads=[video])

@@ -105,6 +105,38 @@ def test_extend_backward(engine, clip_path):
     assert check_output(result, frames=41 + 4)["cond_type"] == "v2v_tail"
 
 
+def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path):
+    events = []
+    result = engine.run(GenerationOptions(mode="extend", prompt="a blue square moving right", segments=3,
+                                          references=(clip_path,), num_frames=37, seed=5), on_event=events.append)
+    recipe = check_output(result, frames=41 + 3 * (37 - 33))
+    assert recipe["output"]["segments"] == 3 and recipe["options"]["segments"] == 3
+    done = [e.message for e in events if isinstance(e, StageEvent) and "done" in e.message]
+    assert done == ["Segment 1 of 3 done: 45 frames", "Segment 2 of 3 done: 49 frames",
+                    "Segment 3 of 3 done: 53 frames"]
+    original, new = read_video(clip_path)[0], read_video(result.video_path)[0]
+    assert (original - new[:, :41]).abs().mean() < 0.05  # the user's clip is still kept as it was
+    one = engine.run(GenerationOptions(mode="extend", prompt="a blue square moving right", references=(clip_path,),
+                                       num_frames=37, seed=5))
+    # the first segment is the one-segment extension; later ones continue from it (with their own noise)
+    assert (read_video(one.video_path)[0] - new[:, :45]).abs().mean() < 0.02  # (up to H.264 re-encoding)
+
+
+def test_stop_during_a_later_segment_keeps_the_finished_ones(engine, clip_path):
+    progress = []
+    result = engine.run(GenerationOptions(mode="extend", prompt="x", segments=4, references=(clip_path,),
+                                          num_frames=37, num_steps=4, seed=2),
+                        on_event=lambda e: progress.append(e) if isinstance(e, ProgressEvent) else None,
+                        should_stop=lambda: len(progress) >= 6)  # stops during the second segment
+    check_output(result, frames=41 + 4)
+    assert result.recipe["output"]["segments"] == 1
+    assert any("stopped during segment 2 of 4" in w for w in result.warnings)
+    assert engine.state.stage == "idle"
+    with pytest.raises(GenerationStopped):  # a Stop during the first segment leaves nothing to keep
+        engine.run(GenerationOptions(mode="extend", prompt="x", segments=2, references=(clip_path,), num_frames=37,
+                                     num_steps=4, seed=2), should_stop=lambda: True)
+
+
 def test_stop_ends_the_run_and_the_engine_stays_usable(engine):
     steps = []
     with pytest.raises(GenerationStopped):
@@ -135,6 +167,9 @@ BAD_OPTIONS = [
     (dict(prompt="x", motion_score=9), "motion score"),
     (dict(prompt="x", resolution="768px"), "not offered"),
     (dict(prompt="x", seed=2**40), "seed"),
+    (dict(prompt="x", segments=2), "only Extend runs in segments"),
+    (dict(prompt="x", mode="extend", references=("c.mp4",), num_frames=37, segments=9),
+     "segments must be between 1 and 8"),
 ]
 
 

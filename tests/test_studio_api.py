@@ -71,6 +71,10 @@ def test_extend_endpoint_keeps_the_clip_and_adds_frames(studio):
     frames, fps, size = decode(video)
     assert frames == 65 + (37 - 33) and size == (64, 64)
     assert recipe["cond_type"] == "v2v_head"
+    video, recipe, _, _, _ = studio.client.predict(
+        video=handle_file(str(EXAMPLES / "clip_65.mp4")), direction="backward", easy=False, segments=2,
+        prompt="a blue disc", num_frames=37, seed=3, **FAST, api_name="/extend")
+    assert decode(video)[0] == 65 + 2 * (37 - 33) and recipe["output"]["segments"] == 2
 
 
 def test_t2v_image_first_makes_a_frame_then_animates_it(studio):

@@ -175,6 +175,8 @@ def test_build_options_maps_tab_inputs():
     assert build_options("i2v", {"prompt": "p", "image": "a.png", "image_position": "tail"}).i2v_position == "tail"
     extend = build_options("extend", {"prompt": "p", "video": "c.mp4", "direction": "backward", "easy": True})
     assert extend.references == ("c.mp4",) and extend.extend_direction == "backward" and extend.extend_easy
+    assert extend.segments == 1
+    assert build_options("extend", {"prompt": "p", "video": "c.mp4", "segments": 3}).segments == 3
     assert build_options("loop", {"prompt": "p", "first_image": "a.png", "last_image": "b.png"}).references == \
         ("a.png", "b.png")
     with pytest.raises(OptionsError, match="first image"):
@@ -182,6 +184,7 @@ def test_build_options_maps_tab_inputs():
 
 
 def test_validation_messages_point_at_the_right_input():
+    assert _field_for("segments must be between 1 and 8, got 9", "extend") == "segments"
     assert _field_for("the clip has 9 frames; extending needs at least 33", "extend") == "video"
     assert _field_for("set the number of frames to at least 37", "extend") == "num_frames"
     assert _field_for("Image to video needs exactly one image: upload one", "i2v") == "image"
