@@ -27,7 +27,8 @@ from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
 from pipelines.sampling import DenoiseCounter, GenerationStopped, GuidanceOptions, StepInfo
 from pipelines.saving import SavedResult, save_result
 from pipelines.stages import (clip_references, decode_video, encode_references, encode_text, fit_preview_projection,
-                              latent_shape, load_reference_pixels, preview_strip, sample, stitch_extension)
+                              latent_shape, load_reference_pixels, preview_strip, sample, stitch_extension,
+                              video_strip)
 from pipelines.text import build_prompt
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ class Engine:
             video, done = stitch_extension(opts.cond_type, raw, pixels), segment + 1
             if opts.segments > 1:
                 emit(StageEvent("decode", f"Segment {done} of {opts.segments} done: {video.shape[1]} frames"))
+                emit(PreviewEvent(video_strip(video), opts.num_steps))
         timings["total"] = time.perf_counter() - t0
         return GeneratedVideo(opts, video, raw, refined, final_prompt, motion, counter, timings, warnings, done,
                               stopped_early)

@@ -147,3 +147,15 @@ def preview_strip(x0: Tensor, projection: Tensor, latent: tuple[int, int, int, i
     rgb = rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     strip = rearrange(rgb, "n h w c -> h (n w) c")
     return ((strip + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def video_strip(video: Tensor, max_frames: int = 5, max_height: int = 256) -> np.ndarray:
+    """Decoded frames (3, T, H, W) in [-1, 1] -> a uint8 strip (h, n*w, 3) of up to max_frames evenly spaced frames,
+    shrunk to at most max_height rows (a finished extension segment, shown while the next one samples)."""
+    idx = torch.linspace(0, video.shape[1] - 1, min(max_frames, video.shape[1])).round().long()
+    frames = video[:, idx].float().cpu()  # (3, n, H, W)
+    if frames.shape[2] > max_height:
+        size = (max_height, max(1, round(frames.shape[3] * max_height / frames.shape[2])))
+        frames = torch.nn.functional.interpolate(frames.transpose(0, 1), size=size, mode="area").transpose(0, 1)
+    strip = rearrange(frames.clamp(-1, 1), "c n h w -> h (n w) c")
+    return ((strip + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -114,6 +114,9 @@ def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path):
     done = [e.message for e in events if isinstance(e, StageEvent) and "done" in e.message]
     assert done == ["Segment 1 of 3 done: 45 frames", "Segment 2 of 3 done: 49 frames",
                     "Segment 3 of 3 done: 53 frames"]
+    strips = [e.image for i, e in enumerate(events) if isinstance(e, PreviewEvent)
+              and isinstance(events[i - 1], StageEvent) and "done" in events[i - 1].message]
+    assert len(strips) == 3 and all(s.dtype == np.uint8 and s.shape == (64, 5 * 64, 3) for s in strips)
     original, new = read_video(clip_path)[0], read_video(result.video_path)[0]
     assert (original - new[:, :41]).abs().mean() < 0.05  # the user's clip is still kept as it was
     one = engine.run(GenerationOptions(mode="extend", prompt="a blue square moving right", references=(clip_path,),
