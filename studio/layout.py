@@ -8,8 +8,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from pipelines.options import OptionsError
 from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
+from studio.export import video_to_gif
 from studio.handlers import make_generate, make_precheck, make_validator, refine, stop_job, status_html
 from studio.history import gallery_value, list_history, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
@@ -65,11 +67,14 @@ def _build_outputs() -> dict:
     with gr.Row():
         stop = gr.Button("■ Stop", variant="stop", elem_id="stop")
         send = gr.Button("Send to Extend →", elem_id="send-to-extend")
+        gif = gr.Button("Make GIF", elem_id="make-gif")
+    gif_file = gr.File(label="GIF", visible=False, interactive=False, elem_id="gif-file")
     preview = gr.Image(label="Preview", interactive=False, height=140,
                        elem_id="preview")
     with gr.Accordion("Recipe (JSON: every setting, to reproduce the result)", open=False):
         recipe = gr.JSON(label="Recipe", elem_id="recipe")
-    return {"status": status, "video": video, "stop": stop, "send": send, "preview": preview, "recipe": recipe}
+    return {"status": status, "video": video, "stop": stop, "send": send, "gif": gif, "gif_file": gif_file,
+            "preview": preview, "recipe": recipe}
 
 
 def _wire_history(demo, shared: SharedControls, tabs_component, parts: dict, settings: StudioSettings, video):
@@ -187,7 +192,7 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
 
 
 def _wire_result_buttons(ui, events: list) -> None:
-    """Stop (this session's running job, plus queued ones) and Send to Extend."""
+    """Stop (this session's running job, plus queued ones), Send to Extend and Make GIF."""
     out = ui.out
     out["stop"].click(stop_job, ui.job, out["status"], queue=False, api_name="stop", cancels=events)
     extend_video = next(tab for tab in ui.tab_list if tab.mode == "extend").inputs[0]
@@ -199,6 +204,17 @@ def _wire_result_buttons(ui, events: list) -> None:
         return path, gr.Tabs(selected="extend"), "extend"
 
     out["send"].click(send_to_extend, out["video"], [extend_video, ui.tabs, ui.mode], api_visibility="private")
+
+    def make_gif(path):
+        if not path:
+            gr.Warning("There is no result to export yet: generate a video first.")
+            return gr.skip()
+        try:
+            return gr.File(value=str(video_to_gif(path)), visible=True)
+        except OptionsError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    out["gif"].click(make_gif, out["video"], out["gif_file"], concurrency_limit=1, api_visibility="private")
 
 
 def _wire_refine(demo, settings: StudioSettings, ui) -> None:

@@ -280,3 +280,46 @@ def test_demo_keeps_llm_settings_in_browser_state_under_a_stable_key(tmp_path):
     demo = build_demo(EnginePool([FakeEngine()]), StudioSettings(output_dir=tmp_path))
     stores = [b for b in demo.blocks.values() if isinstance(b, gr.BrowserState)]
     assert [store.storage_key for store in stores] == [LLM_STORAGE_KEY]
+
+
+def test_video_to_gif_writes_a_looping_gif_beside_the_video_once(tmp_path):
+    from PIL import Image
+
+    from pipelines.media import write_video
+    from studio import export
+
+    frames = np.zeros((9, 32, 48, 3), np.uint8)
+    for t in range(9):
+        frames[t, 8:24, 4 * t:4 * t + 16] = (220, 40, 40)
+    video = write_video(frames, tmp_path / "clip.mp4", fps=12)
+    gif = export.video_to_gif(video)
+    assert gif == tmp_path / "clip.gif" and not list(tmp_path.glob(".*"))
+    with Image.open(gif) as image:
+        assert image.n_frames == 9 and image.size == (48, 32) and image.info["loop"] == 0
+        assert abs(image.info["duration"] - 1000 / 12) <= 10  # GIF delays are in 10 ms units
+        image.seek(4)
+        red = np.asarray(image.convert("RGB"))[16, 24]
+        assert red[0] > 150 and red[1] < 100  # the object is where the video has it
+    stamp = gif.stat().st_mtime_ns
+    assert export.video_to_gif(video) == gif and gif.stat().st_mtime_ns == stamp  # asked again: the same file
+
+
+def test_video_to_gif_refuses_what_it_cannot_export_clearly(tmp_path, monkeypatch):
+    from pipelines.media import write_video
+    from studio import export
+
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(OptionsError, match="cannot read the video broken.mp4"):
+        export.video_to_gif(tmp_path / "broken.mp4")
+    monkeypatch.setattr(export, "MAX_GIF_FRAMES", 4)
+    video = write_video(np.zeros((9, 32, 32, 3), np.uint8), tmp_path / "long.mp4", fps=8)
+    with pytest.raises(OptionsError, match="more than 4 frames"):
+        export.video_to_gif(video)
+    assert not (tmp_path / "long.gif").exists()
+    monkeypatch.setattr(export, "MAX_GIF_FRAMES", 257)
+    monkeypatch.setattr(export, "MAX_GIF_WIDTH", 16)
+    wide = write_video(np.zeros((5, 32, 64, 3), np.uint8), tmp_path / "wide.mp4", fps=8)
+    from PIL import Image
+
+    with Image.open(export.video_to_gif(wide)) as image:
+        assert image.size == (16, 8)
