@@ -11,7 +11,7 @@ import platform
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +26,9 @@ from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
 from pipelines.sampling import DenoiseCounter, GenerationStopped, GuidanceOptions, StepInfo
 from pipelines.saving import SavedResult, save_result
-from pipelines.stages import (clip_references, decode_video, encode_references, encode_text, fit_preview_projection,
-                              latent_shape, load_reference_pixels, preview_strip, sample, stitch_extension,
-                              video_strip)
+from pipelines.stages import (ReferencePixels, clip_references, decode_video, encode_references, encode_text,
+                              fit_preview_projection, latent_shape, load_reference_pixels, preview_strip, sample,
+                              stitch_extension, video_strip)
 from pipelines.text import build_prompt
 
 log = logging.getLogger(__name__)
@@ -230,10 +230,18 @@ class Engine:
         pixels = None
         video = raw = None
         counter, done, stopped_early = DenoiseCounter(), 0, False
+        if opts.image_first:  # t2i, then i2v from that frame (Open-Sora 2.0's text -> image -> video flow)
+            step_one = replace(opts, num_frames=1, segments=1, image_first=False)
+            first = self._segment(step_one, text, negative, ReferencePixels(), 0, counter, timings, emit, stop,
+                                  label="Step 1 of 2, the first frame: ")
+            emit(PreviewEvent(video_strip(first), opts.num_steps))
+            pixels, opts = ReferencePixels(head=first), replace(opts, cond_type="i2v_head")
         for segment in range(opts.segments):
             try:
-                pixels = (load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
-                          if pixels is None else clip_references(opts.cond_type, video, pixels.source_fps))
+                if segment:  # a later extension segment continues from the video so far
+                    pixels = clip_references(opts.cond_type, video, pixels.source_fps)
+                elif pixels is None:  # (image-first runs already hold their first frame)
+                    pixels = load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
                 raw = self._segment(opts, text, negative, pixels, segment, counter, timings, emit, stop)
             except GenerationStopped:
                 if segment == 0:
@@ -251,11 +259,13 @@ class Engine:
                               stopped_early)
 
     def _segment(self, opts: ResolvedOptions, text, negative, pixels, segment: int, counter, timings: dict, emit,
-                 stop) -> torch.Tensor:
-        """Encode the references, sample and decode one video (one segment of an extension); returns the raw
-        decoded frames. Stage times add up over segments."""
+                 stop, label: str | None = None) -> torch.Tensor:
+        """Encode the references, sample and decode one video (one segment of an extension, or an image-first
+        run's first frame); returns the raw decoded frames. Stage times add up over segments."""
         c = self.components
-        label = f"Segment {segment + 1} of {opts.segments}: " if opts.segments > 1 else ""
+        if label is None:
+            label = (f"Segment {segment + 1} of {opts.segments}: " if opts.segments > 1
+                     else "Step 2 of 2, the video: " if opts.image_first else "")
 
         def timed(name: str, started: float) -> None:
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - started

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, dest="num_steps")
     p.add_argument("--guidance", type=float)
     p.add_argument("--guidance-img", type=float)
+    p.add_argument("--image-first", action="store_true",
+                   help="t2v rows: make the first frame, then animate it (image-to-video)")
     p.add_argument("--segments", type=int, default=1,
                    help="extension rows (v2v_*): repeat the extension this many times, each from the video so far")
     p.add_argument("--refine", action="store_true", help="refine prompts with the LLM in OPENAI_* settings")
@@ -75,7 +77,8 @@ def row_options(row: dict, args) -> GenerationOptions:
         motion = int(motion) if motion.isdigit() else motion
     name = (row.get("name") or "").strip() or (row["text"] if args.prompt_as_path else None)
     segments = args.segments if cond_type.startswith("v2v") else 1
-    return GenerationOptions(**COND_TO_MODE[cond_type], segments=segments, prompt=row["text"], negative_prompt=row.get("neg") or "",
+    return GenerationOptions(**COND_TO_MODE[cond_type], segments=segments,
+                             image_first=args.image_first and cond_type == "t2v", prompt=row["text"], negative_prompt=row.get("neg") or "",
                              references=refs, seed=args.seed, num_frames=args.num_frames,
                              resolution=args.resolution, aspect_ratio=args.aspect_ratio, fps=args.fps,
                              motion_score=motion, num_steps=args.num_steps, guidance=args.guidance,

@@ -224,28 +224,14 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
     try:
         yield gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate(), warning), gr.skip()
         options = _resolve_motion(options, llm)
-        first_frame_recipe = None
-        if options.image_first:
-            note = "Step 1 of 2: generating the first frame"
-            for update, outputs in _stream(pool, replace(options, num_frames=1, image_first=False), job, progress,
-                                           note):
-                yield outputs
-            if update.stopped or update.error is not None:
-                yield from _finish(update, started)
-                return
-            first = update.result
-            yield gr.skip(), gr.skip(), gr.skip(), status_html(update, "First frame ready"), str(first.video_path)
-            first_frame_recipe = str(first.recipe_path)
-            options = replace(options, mode="i2v", references=(str(first.video_path),), i2v_position="head",
-                              image_first=False, seed=first.seed)
         for update, outputs in _stream(pool, options, job, progress, warning):
             yield outputs
-        yield from _finish(update, started, first_frame_recipe)
+        yield from _finish(update, started)
     finally:
         job.finish()
 
 
-def _finish(update: JobUpdate, started: float, first_frame_recipe: str | None = None):
+def _finish(update: JobUpdate, started: float):
     if update.stopped:
         yield (gr.skip(), gr.skip(), gr.skip(),
                status_html(replace(update, message="Stopped"), "The job was stopped; the studio is ready."),
@@ -257,8 +243,6 @@ def _finish(update: JobUpdate, started: float, first_frame_recipe: str | None = 
     for warning in result.warnings:
         gr.Warning(warning)
     recipe = dict(result.recipe)
-    if first_frame_recipe:
-        recipe["first_frame_recipe"] = first_frame_recipe
     done = replace(update, message=f"Done in {format_seconds(time.perf_counter() - started)} · seed {result.seed}")
     path = Path(result.video_path)
     video = str(path) if path.suffix == ".mp4" else None

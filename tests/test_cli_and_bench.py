@@ -46,11 +46,14 @@ def test_cli_csv_rows_with_references(tiny_registry, tmp_path, capsys):
     assert all(p.parent == tmp_path / "out" for p in saved) and not any(".." in p.name for p in saved)
 
 
-def test_cli_segments_apply_to_extension_rows_only():
+def test_cli_segments_and_image_first_apply_to_their_rows_only():
     args = generate.build_parser().parse_args(["--prompt", "x", "--segments", "3"])
     extend = generate.row_options({"text": "x", "ref": "c.mp4", "cond_type": "v2v_tail"}, args)
     assert extend.mode == "extend" and extend.extend_direction == "backward" and extend.segments == 3
     assert generate.row_options({"text": "x", "cond_type": "t2v"}, args).segments == 1
+    args = generate.build_parser().parse_args(["--prompt", "x", "--image-first"])
+    assert generate.row_options({"text": "x", "cond_type": "t2v"}, args).image_first
+    assert not generate.row_options({"text": "x", "ref": "a.png", "cond_type": "i2v_head"}, args).image_first
 
 
 def test_cli_bad_input_exits_non_zero_with_a_message(tiny_registry, tmp_path, capsys):

@@ -140,6 +140,32 @@ def test_stop_during_a_later_segment_keeps_the_finished_ones(engine, clip_path):
                                      num_steps=4, seed=2), should_stop=lambda: True)
 
 
+def test_image_first_makes_a_frame_then_animates_it(engine):
+    events = []
+    options = dict(prompt="a yellow triangle", num_frames=9, seed=4)
+    result = engine.run(GenerationOptions(image_first=True, **options), on_event=events.append)
+    recipe = check_output(result, frames=9)
+    assert recipe["mode"] == "t2v" and recipe["cond_type"] == "i2v_head" and recipe["options"]["image_first"]
+    stages = [e.message for e in events if isinstance(e, StageEvent)]
+    assert stages.index("Step 1 of 2, the first frame: Sampling 0/3") < stages.index(
+        "Step 2 of 2, the video: Sampling 0/3")
+    # the same as making the frame (t2v, 1 frame) and then running i2v on it by hand
+    frame = engine.generate_frames(GenerationOptions(**{**options, "num_frames": 1})).video
+    by_hand = engine.generate_frames(GenerationOptions(mode="i2v", references=(frame_png(frame),), **options)).video
+    made = engine.generate_frames(GenerationOptions(image_first=True, **options)).video
+    assert (made - by_hand).abs().mean() < 0.01  # up to the PNG's rounding of the frame
+
+
+def frame_png(video) -> str:
+    import tempfile
+
+    from pipelines.media import to_uint8_frames
+
+    path = tempfile.mkdtemp() + "/first.png"
+    Image.fromarray(to_uint8_frames(video)[0]).save(path)
+    return path
+
+
 def test_stop_ends_the_run_and_the_engine_stays_usable(engine):
     steps = []
     with pytest.raises(GenerationStopped):

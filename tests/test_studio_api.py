@@ -81,7 +81,7 @@ def test_t2v_image_first_makes_a_frame_then_animates_it(studio):
     video, recipe, _, _, _ = studio.client.predict(image_first=True, prompt="a yellow triangle", seed=4, **FAST,
                                                    api_name="/t2v")
     assert decode(video)[0] == 9
-    assert recipe["cond_type"] == "i2v_head" and recipe["first_frame_recipe"].endswith(".json")
+    assert recipe["cond_type"] == "i2v_head" and recipe["mode"] == "t2v" and recipe["options"]["image_first"]
 
 
 def test_stop_ends_a_running_job_early_and_the_next_job_succeeds(studio):
