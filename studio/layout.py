@@ -68,7 +68,7 @@ def _build_outputs() -> dict:
         stop = gr.Button("■ Stop", variant="stop", elem_id="stop")
         send = gr.Button("Send to Extend →", elem_id="send-to-extend")
         gif = gr.Button("Make GIF", elem_id="make-gif")
-    gif_file = gr.File(label="GIF", visible=False, interactive=False, elem_id="gif-file")
+    gif_file = gr.File(label="GIF", interactive=False, height=60, elem_id="gif-file")
     preview = gr.Image(label="Preview", interactive=False, height=140,
                        elem_id="preview")
     with gr.Accordion("Recipe (JSON: every setting, to reproduce the result)", open=False):
@@ -155,7 +155,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
                              refresh_history=refresh_history, job=job_state, llm=llm_state, mode=mode_state,
                              refine=refine_ctl)
         events = _wire_generation(pool, settings, ui)
-        _wire_result_buttons(ui, events)
+        _wire_result_buttons(ui, events, settings)
         _wire_refine(demo, settings, ui)
         demo.load(lambda: (memory_markdown(pool), param_rows(pool)), None, [panels.memory, panels.params],
                   queue=False, api_visibility="private")
@@ -191,7 +191,7 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
     return events
 
 
-def _wire_result_buttons(ui, events: list) -> None:
+def _wire_result_buttons(ui, events: list, settings: StudioSettings) -> None:
     """Stop (this session's running job, plus queued ones), Send to Extend and Make GIF."""
     out = ui.out
     out["stop"].click(stop_job, ui.job, out["status"], queue=False, api_name="stop", cancels=events)
@@ -209,8 +209,10 @@ def _wire_result_buttons(ui, events: list) -> None:
         if not path:
             gr.Warning("There is no result to export yet: generate a video first.")
             return gr.skip()
+        # The player may hold Gradio's cached copy of a result: the GIF belongs beside the result itself.
+        saved = Path(settings.output_dir) / Path(path).name
         try:
-            return gr.File(value=str(video_to_gif(path)), visible=True)
+            return str(video_to_gif(saved if saved.is_file() else path))
         except OptionsError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 

@@ -53,8 +53,9 @@ def test_generate_send_to_extend_and_open_loop_in_the_browser(tmp_path):
             page.screenshot(path=str(shot), full_page=True)
             if os.environ.get("UPDATE_SCREENSHOT") == "1":
                 shutil.copyfile(shot, SCREENSHOT)
-            page.locator("#make-gif").click()  # the result as a looping GIF, offered for download
-            page.locator("#gif-file a").filter(has_text=".gif").first.wait_for(timeout=60_000)
+            page.locator("#make-gif").click()  # the result as a looping GIF beside it, offered for download
+            page.wait_for_function("() => (document.querySelector('#gif-file') || {}).innerText?.includes('.gif')",
+                                   timeout=60_000)
             assert list((tmp_path / "outputs").glob("*.gif"))
             page.locator("#send-to-extend").click()
             page.locator("#extend-video video").wait_for(timeout=60_000)

@@ -158,10 +158,16 @@ class TextCache:
         return txt, y_vec
 
 
+ENCODING_MODULES = ("encoder.", "quant_conv.")  # what `encode` runs; the decoder never touches cached latents
+
+
 def vae_fingerprint(vae) -> str:
-    """SHA-256 of a VAE's config and weights: cached latents are valid for exactly this VAE."""
+    """SHA-256 of a VAE's config and encoder weights: cached latents are valid for exactly this encoding (a
+    decoder-only fine-tune keeps them valid, and keeps the cache)."""
     digest = hashlib.sha256(json.dumps(vae.config.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(vae.state_dict().items()):
+        if not name.startswith(ENCODING_MODULES):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -192,10 +198,10 @@ def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0,
                       cache_dir: str | Path | None = None) -> LatentPool:
     """The three clip sets of a `DataConfig`, encoded with `vae` (sizes 0 leave a set out).
 
-    With `cache_dir`, each set is looked up there first by a key of its parameters (the VAE's fingerprint, the
-    set's size, length, seed and loop share, the frame size, the object margin, the v2v reference lengths and
-    CACHE_VERSION, which stands for the code that draws and encodes clips) and written there after encoding, so
-    later runs on the same VAE skip the encoding (~2 min per 1,000 clips on 2 cores). Nothing is ever pruned:
+    With `cache_dir`, each set is looked up there first by a key of its parameters (the VAE encoder's
+    fingerprint, the set's size, length, seed and loop share, the frame size, the object margin, the v2v reference
+    lengths and CACHE_VERSION, which stands for the code that draws and encodes clips) and written there after
+    encoding, so later runs on the same encoder skip the encoding (~2 min per 1,000 clips on 2 cores). Nothing is ever pruned:
     sets for other VAEs stay until removed by hand (~1 GB per 8,192 clips of 33 frames with their references)."""
     fingerprint = vae_fingerprint(vae) if cache_dir else None
 
