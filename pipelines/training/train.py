@@ -32,7 +32,8 @@ from pipelines.training.distributed import (DistributedConfig, all_reduce_mean, 
                                             is_main_process, setup_distributed)
 from pipelines.training.ema import create_ema, update_ema
 from pipelines.training.latent_pool import TextCache, build_latent_pool
-from pipelines.training.losses import dropout_condition, flow_interpolate, flow_target, get_batch_loss, sample_timesteps
+from pipelines.training.losses import (dropout_condition, edge_loss, flow_interpolate, flow_target, get_batch_loss,
+                                       sample_timesteps)
 from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, LinearWarmupLR
 from pipelines.training.reporting import format_duration, log_cuda_memory, log_model_params
 from pipelines.training.shapes import ShapesDataset, object_pixels
@@ -84,8 +85,8 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 # ---- stages --------------------------------------------------------------------------------------------------------
 
 class VAEStage:
-    """L1 + mse_weight * MSE (object pixels weighted by 1 + object_weight) + kl_weight * (mean KL per latent
-    element) on freshly rendered clips."""
+    """L1 + mse_weight * MSE + edge_weight * edge loss (object pixels weighted by 1 + object_weight) + kl_weight *
+    (mean KL per latent element) on freshly rendered clips."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -130,7 +131,10 @@ class VAEStage:
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         weight = self.pixel_weights(x, [item["background"] for item in items])  # (B, 1, T, H, W)
         err = (recon - x).abs() + self.cfg.mse_weight * (recon - x).pow(2)
-        return (err * weight).mean() / weight.mean() + self.cfg.kl_weight * kl
+        loss = (err * weight).mean() / weight.mean()
+        if self.cfg.edge_weight:
+            loss = loss + self.cfg.edge_weight * edge_loss(recon, x, weight)
+        return loss + self.cfg.kl_weight * kl
 
     def pixel_weights(self, x: torch.Tensor, backgrounds: list[str]) -> torch.Tensor:
         """1 on background pixels, 1 + `object_weight` on the object's: the object is a few percent of a frame,
