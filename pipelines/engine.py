@@ -83,7 +83,7 @@ class GeneratedVideo:
     timings: dict
     warnings: list[str]
     segments_done: int = 1
-    stopped_early: bool = False  # Stop came during a later segment: the finished ones are kept and saved
+    stopped_early: bool = False  # Stop came during a later segment or step: what was finished is kept and saved
 
 
 EventCallback = Callable[[object], None]
@@ -201,7 +201,7 @@ class Engine:
 
     def _run(self, opts: ResolvedOptions, emit, stop, peak) -> GenerationResult:
         made = self._generate(opts, emit, stop)
-        # After a Stop during a later segment the finished segments are saved all the same.
+        # After a Stop during a later segment (or image first's step 2) what was finished is saved all the same.
         self._stage("save", "Saving the video", emit, (lambda: False) if made.stopped_early else stop)
         recipe = self._recipe(made, peak)
         saved: SavedResult = save_result(made.video, self.output_dir, recipe, opts.fps, opts.mode, opts.seed,
@@ -236,6 +236,7 @@ class Engine:
                                   label="Step 1 of 2, the first frame: ")
             emit(PreviewEvent(video_strip(first), opts.num_steps))
             pixels, opts = ReferencePixels(head=first), replace(opts, cond_type="i2v_head")
+            video = raw = first  # what a Stop during step 2 keeps
         for segment in range(opts.segments):
             try:
                 if segment:  # a later extension segment continues from the video so far
@@ -244,10 +245,11 @@ class Engine:
                     pixels = load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
                 raw = self._segment(opts, text, negative, pixels, segment, counter, timings, emit, stop)
             except GenerationStopped:
-                if segment == 0:
+                if video is None:  # nothing finished yet
                     raise
                 warnings.append(f"stopped during segment {segment + 1} of {opts.segments}: the {segment} finished "
-                                f"segment(s) were kept ({video.shape[1]} frames)")
+                                f"segment(s) were kept ({video.shape[1]} frames)" if segment else
+                                "stopped during step 2 of 2 (the video): the first frame was kept")
                 stopped_early = True
                 break
             video, done = stitch_extension(opts.cond_type, raw, pixels), segment + 1

@@ -239,3 +239,15 @@ def test_param_and_memory_stats(engine):
     assert set(stats) == {"mmdit", "vae", "text_encoder"}
     assert stats["mmdit"].total > 0 and stats["mmdit"].trainable == 0
     assert engine.memory_stats().process_rss_bytes > 0
+
+
+def test_stop_during_image_first_step_two_keeps_the_first_frame(engine):
+    stages = []
+    result = engine.run(GenerationOptions(image_first=True, prompt="a red circle", num_frames=9, seed=3),
+                        on_event=lambda e: stages.append(e.message) if isinstance(e, StageEvent) else None,
+                        should_stop=lambda: any(m.startswith("Step 2 of 2") for m in stages))
+    info = probe_video(result.video_path)  # (a one-frame file carries no frame rate of its own to probe)
+    assert (info.frames, info.width, info.height) == (1, 64, 64)
+    assert result.recipe["output"]["frames"] == 1 and result.recipe["output"]["segments"] == 0
+    assert any("the first frame was kept" in w for w in result.warnings)
+    assert engine.state.stage == "idle"
