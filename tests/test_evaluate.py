@@ -20,6 +20,42 @@ def test_t2v_report_has_accuracies_and_speed_correlation(engine):
     for key in ("color_accuracy", "shape_accuracy", "direction_accuracy", "background_accuracy"):
         assert 0.0 <= report[key] <= 1.0
     assert "spearman" in report["speed_vs_motion_score"]
+    mistakes = sum(report["shape_confusion"].values())
+    assert mistakes == round(3 * (1 - report["shape_accuracy"]))
+    assert all("->" in key for key in (*report["shape_confusion"], *report["color_confusion"]))
+
+
+class _LosslessVAE:
+    """Encodes to the pixels themselves: its reconstructions are the clips, so the ceiling must be perfect."""
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+class _BlurringVAE(_LosslessVAE):
+    def decode(self, z):
+        import torch
+
+        blur = torch.nn.functional.avg_pool3d(z, (1, 5, 5), stride=1, padding=(0, 2, 2), count_include_pad=False)
+        return blur
+
+
+def test_vae_ceiling_judges_reconstructions_of_the_real_clips():
+    import torch
+    from types import SimpleNamespace
+
+    def fake_engine(vae):
+        return SimpleNamespace(device=torch.device("cpu"), components=SimpleNamespace(vae=vae, dtype=torch.float32))
+
+    perfect = evaluate.evaluate_vae_ceiling(fake_engine(_LosslessVAE()), n=12, seed=0, frames=9)
+    assert perfect["shape_accuracy"] == perfect["color_accuracy"] == 1.0 and perfect["shape_confusion"] == {}
+    assert perfect["psnr_db"] == 99.0
+    blurred = evaluate.evaluate_vae_ceiling(fake_engine(_BlurringVAE()), n=12, seed=0, frames=9)
+    assert blurred["psnr_db"] < 40 and blurred["shape_accuracy"] < 1.0  # a 5-px blur rounds some outline
+    assert sum(blurred["shape_confusion"].values()) == round(12 * (1 - blurred["shape_accuracy"]))
 
 
 def test_image_modes_report_psnr(engine, tmp_path):
@@ -85,6 +121,7 @@ def test_cli_evaluates_a_preset_folder_written_by_training(tmp_path):
     write_preset(folder, MMDiT(MMDiTConfig.from_dict(TINY_MMDIT)), CausalVAE(CausalVAEConfig.from_dict(TINY_VAE)),
                  trained=True, notes="test", training={}, sampling={**SAMPLING, "num_steps": 2})
     report = evaluate.main(["--preset", str(folder), "--t2v", "1", "--i2v", "0", "--loop", "0", "--extend", "0",
-                            "--frames", "9", "--json", str(tmp_path / "eval.json")])
+                            "--ceiling", "2", "--frames", "9", "--json", str(tmp_path / "eval.json")])
     assert report["preset"] == "shapes-default" and report["clips"] == 1
     assert json.loads((tmp_path / "eval.json").read_text())["t2v"]["clips"] == 1
+    assert report["vae_ceiling"]["clips"] == 2 and report["clips"] == 1  # the ceiling judges no generated clip

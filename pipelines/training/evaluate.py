@@ -9,11 +9,15 @@ before H.264 encoding, so the numbers measure the model, not the codec.
 - loop: PSNR of the first and last frames against the image; the object must move mid-clip.
 - extend: PSNR of the kept (conditioned) frames against the given clip before stitching; the continuation's direction
   against the same scene carried on by the world's rules (bounces included).
+- vae_ceiling: the same judge on the VAE's reconstructions of real clips for the t2v prompts, i.e. the most any
+  MMDiT on this VAE could score (a blurred decoder caps colour and shape before the MMDiT does anything).
+The t2v and ceiling sections list what was mistaken for what (`shape_confusion`, `color_confusion`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import random
 import tempfile
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipelines.engine import Engine
@@ -54,14 +59,38 @@ def evaluate_t2v(engine: Engine, n: int, seed: int, frames: int) -> dict:
         made = engine.generate_frames(GenerationOptions(prompt=item.caption, num_frames=frames,
                                                         motion_score=item.spec.motion_score, seed=seed + i))
         report = judge_clip(_frames(made.video), item.spec)
-        rows.append(report)
+        rows.append({**report, "expected": item.spec})
         speeds.append(report["speed"])
         scores.append(item.spec.motion_score)
+    return {**_accuracies(rows), "speed_vs_motion_score": speed_score_correlation(speeds, scores)}
+
+
+def _accuracies(rows: list[dict]) -> dict:
+    """Accuracy per judged property over `judge_clip` reports (each with its `expected` spec), and the mistakes
+    ("asked->read": count, most common first)."""
     acc = {k: _mean([float(r[f"{k}_correct"]) for r in rows]) for k in ("color", "shape", "direction",
                                                                           "background")}
-    return {"clips": n, **{f"{k}_accuracy": v for k, v in acc.items()},
+    confusion = {key: dict(collections.Counter(f"{getattr(r['expected'], key)}->{r[key]}" for r in rows
+                                               if not r[f"{key}_correct"]).most_common())
+                 for key in ("shape", "color")}
+    return {"clips": len(rows), **{f"{k}_accuracy": v for k, v in acc.items()},
             "all_correct": _mean([float(r["all_correct"]) for r in rows]),
-            "speed_vs_motion_score": speed_score_correlation(speeds, scores)}
+            "shape_confusion": confusion["shape"], "color_confusion": confusion["color"]}
+
+
+def evaluate_vae_ceiling(engine: Engine, n: int, seed: int, frames: int) -> dict:
+    """The judge on the VAE's reconstructions (encode, decode) of the real clips for the t2v prompts."""
+    vae = engine.components.vae
+    rows, psnrs = [], []
+    for item in sample_eval_prompts(n, seed, num_frames=frames):
+        clip = render_clip(item.spec, frames)  # (T, H, W, 3)
+        x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
+        x = x.to(engine.device, engine.components.dtype)
+        with torch.inference_mode():
+            recon = _frames(vae.decode(vae.encode(x))[0, :, :frames].float().clamp(-1, 1).cpu())
+        rows.append({**judge_clip(recon, item.spec), "expected": item.spec})
+        psnrs.append(_psnr_capped(recon, clip))
+    return {**_accuracies(rows), "psnr_db": _mean(psnrs)}
 
 
 def _reference_image(clip: np.ndarray, index: int, folder: Path, name: str) -> str:
@@ -137,6 +166,7 @@ def main(argv=None) -> dict:
     p.add_argument("--i2v", type=int, default=40)
     p.add_argument("--loop", type=int, default=30)
     p.add_argument("--extend", type=int, default=30)
+    p.add_argument("--ceiling", type=int, default=48, help="clips for the VAE-reconstruction ceiling (0: skip)")
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--extend-frames", type=int, default=65)
     p.add_argument("--seed", type=int, default=1234)
@@ -157,6 +187,8 @@ def main(argv=None) -> dict:
             report["loop"] = evaluate_loop(engine, args.loop, args.seed, args.frames, folder)
         if args.extend:
             report["extend"] = evaluate_extend(engine, args.extend, args.seed, args.extend_frames, folder)
+        if args.ceiling:
+            report["vae_ceiling"] = evaluate_vae_ceiling(engine, args.ceiling, args.seed, args.frames)
     report["clips"] = sum(report[m]["clips"] for m in ("t2v", "i2v", "loop", "extend") if m in report)
     report["wall_s"] = round(time.perf_counter() - start, 1)
     report["targets"] = TARGETS
