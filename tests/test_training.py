@@ -465,22 +465,3 @@ def test_vae_stage_adds_the_edge_loss_when_asked():
     model = plain.build_model()
     losses = [stage.loss(model, 2, torch.Generator().manual_seed(3), 0) for stage in (plain, edged)]
     assert losses[1] > losses[0]  # same clips, same model: only the edge term differs
-
-
-def test_vae_training_pass_decodes_the_perturbed_latent_when_asked():
-    from pipelines.models.vae import CausalVAE, CausalVAEConfig
-    from tests.tiny_preset import TINY_VAE
-
-    torch.manual_seed(0)
-    vae = CausalVAE(CausalVAEConfig.from_dict(TINY_VAE)).eval()
-    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
-    with torch.no_grad():
-        clean, _ = vae(x, sample_posterior=False)
-        noisy, _ = vae(x, sample_posterior=False, generator=torch.Generator().manual_seed(1), latent_noise=0.5)
-        z = vae.encode(x)
-        by_hand = vae.decode(z + 0.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1)))
-    assert torch.allclose(clean, vae.decode(z)) and torch.allclose(noisy, by_hand)
-    assert not torch.allclose(noisy, clean)
-    assert load_train_config("tiny-vae", ["latent_noise=0.2"]).latent_noise == 0.2
-    with pytest.raises(ValueError, match="latent_noise"):
-        load_train_config("tiny-vae", ["latent_noise=-0.1"])

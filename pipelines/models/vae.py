@@ -235,14 +235,9 @@ class CausalVAE(nn.Module):
                  for j in range(0, z.shape[-1], stride)] for i in range(0, z.shape[-2], stride)]
         return _stitch_tiles(rows, blend, cfg.sample_size - blend)
 
-    def forward(self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
-                latent_noise: float = 0.0):
-        """Training pass: returns (reconstruction, posterior). `latent_noise` σ adds N(0, σ²) to the scaled latent
-        before decoding: a generated latent is never exactly an encoded one, and decoding perturbed latents to the
-        clean clip teaches the decoder to render near-misses as sharp shapes rather than blurred blends."""
+    def forward(self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None):
+        """Training pass: returns (reconstruction, posterior)."""
         z, posterior = self.encode(x, sample_posterior=sample_posterior, generator=generator, return_posterior=True)
-        if latent_noise:
-            z = z + latent_noise * torch.randn(z.shape, generator=generator).to(z)
         return self.decode(z), posterior
 
 

@@ -86,7 +86,7 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 class VAEStage:
     """L1 + mse_weight * MSE + edge_weight * edge loss (object pixels weighted by 1 + object_weight) + kl_weight *
-    (mean KL per latent element) on freshly rendered clips; with latent_noise the decoder sees perturbed latents."""
+    (mean KL per latent element) on freshly rendered clips."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -127,9 +127,7 @@ class VAEStage:
         index = torch.randint(len(self.dataset), (batch_size,), generator=generator).tolist()
         items = [self.dataset[i] for i in index]
         x = torch.stack([self.crop(item, generator) for item in items])  # (B, 3, T, H, W)
-        # (through the wrapper's forward, so DDP syncs the gradients)
-        recon, posterior = model(x, sample_posterior=self.cfg.sample_posterior, generator=generator,
-                                 latent_noise=self.cfg.latent_noise)
+        recon, posterior = model(x, sample_posterior=self.cfg.sample_posterior, generator=generator)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         weight = self.pixel_weights(x, [item["background"] for item in items])  # (B, 1, T, H, W)
         err = (recon - x).abs() + self.cfg.mse_weight * (recon - x).pow(2)

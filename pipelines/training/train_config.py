@@ -81,7 +81,6 @@ class TrainConfig:
     object_weight: float = 0.0  # extra loss weight on object pixels (vae) or on latents encoding them (dit)
     object_margin: int = 0  # the extra weight also covers background pixels this close to the object
     edge_weight: float = 0.0  # vae: weight of an L1 loss on the error's spatial gradients (keeps outlines sharp)
-    latent_noise: float = 0.0  # vae: decode latent + N(0, σ²) (scaled latent space), for imprecise generated latents
     sample_posterior: bool = False  # vae: decode a posterior sample (True) or its mean (faster to learn)
     freeze_encoder: bool = False  # vae: fine-tune only the decoder (latents, and so a trained DiT, stay valid)
     steps: int = 100
@@ -105,9 +104,8 @@ class TrainConfig:
             raise ValueError(f"optim.accumulation_steps must be at least 1, got {self.optim.accumulation_steps}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
-        if self.edge_weight < 0 or self.latent_noise < 0:
-            raise ValueError(f"edge_weight and latent_noise must not be negative, got {self.edge_weight} and "
-                             f"{self.latent_noise}")
+        if self.edge_weight < 0:
+            raise ValueError(f"edge_weight must not be negative, got {self.edge_weight}")
         if self.object_weight < 0 or self.object_margin < 0:
             raise ValueError("object_weight and object_margin must not be negative, "
                              f"got {self.object_weight} and {self.object_margin}")
