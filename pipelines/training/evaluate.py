@@ -4,7 +4,8 @@
 
 Generation goes through `Engine.generate_frames` (the same stages as the studio) and the judge reads the frames
 before H.264 encoding, so the numbers measure the model, not the codec.
-- t2v: colour / shape / direction / background accuracy against the prompt's spec; speed vs motion-score correlation.
+- t2v: colour / shape / direction / background accuracy against the prompt's spec; speed vs motion-score correlation
+  (`--image-first`: t2v made as the studio's Image first does, a frame and then image-to-video from it).
 - i2v: PSNR of the first frame against the given image; direction accuracy.
 - loop: PSNR of the first and last frames against the image; the object must move mid-clip.
 - extend: PSNR of the kept (conditioned) frames against the given clip before stitching; the continuation's direction
@@ -53,11 +54,12 @@ def _psnr_capped(a, b) -> float:
     return min(psnr(a, b), 99.0)  # identical frames give inf; cap so means stay finite
 
 
-def evaluate_t2v(engine: Engine, n: int, seed: int, frames: int) -> dict:
+def evaluate_t2v(engine: Engine, n: int, seed: int, frames: int, image_first: bool = False) -> dict:
     rows, speeds, scores = [], [], []
     for i, item in enumerate(sample_eval_prompts(n, seed, num_frames=frames)):
         made = engine.generate_frames(GenerationOptions(prompt=item.caption, num_frames=frames,
-                                                        motion_score=item.spec.motion_score, seed=seed + i))
+                                                        motion_score=item.spec.motion_score, seed=seed + i,
+                                                        image_first=image_first))
         report = judge_clip(_frames(made.video), item.spec)
         rows.append({**report, "expected": item.spec})
         speeds.append(report["speed"])
@@ -168,6 +170,7 @@ def main(argv=None) -> dict:
     p.add_argument("--extend", type=int, default=30)
     p.add_argument("--ceiling", type=int, default=48, help="clips for the VAE-reconstruction ceiling (0: skip)")
     p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--image-first", action="store_true", help="t2v as the studio's Image first: frame, then i2v")
     p.add_argument("--extend-frames", type=int, default=65)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", type=Path)
@@ -180,7 +183,7 @@ def main(argv=None) -> dict:
         engine = Engine(preset, device="cpu", output_dir=folder / "out", preview_every=0).load()
         report = {"preset": engine.preset.name, "trained": engine.preset.trained}
         if args.t2v:
-            report["t2v"] = evaluate_t2v(engine, args.t2v, args.seed, args.frames)
+            report["t2v"] = evaluate_t2v(engine, args.t2v, args.seed, args.frames, args.image_first)
         if args.i2v:
             report["i2v"] = evaluate_i2v(engine, args.i2v, args.seed, args.frames, folder)
         if args.loop:
