@@ -140,22 +140,28 @@ def preview_strip(x0: Tensor, projection: Tensor, latent: tuple[int, int, int, i
     """Packed predicted-clean latent -> a uint8 strip (h*scale, n*w*scale, 3) of up to max_frames frames."""
     c, t_lat, h_lat, w_lat = latent
     z = unpack(x0[:1].float().cpu(), t_lat, h_lat, w_lat, patch)[0]  # (C, T, h, w)
-    idx = torch.linspace(0, t_lat - 1, min(max_frames, t_lat)).round().long()
-    z = z[:, idx]
+    z = z[:, _evenly_spaced(t_lat, max_frames)]
     feats = torch.cat([rearrange(z, "c t h w -> t h w c"), torch.ones(*z.shape[1:], 1)], dim=-1)
-    rgb = (feats @ projection).clamp(-1, 1)  # (n, h, w, 3)
-    rgb = rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    strip = rearrange(rgb, "n h w c -> h (n w) c")
-    return ((strip + 1) * 127.5).round().to(torch.uint8).numpy()
+    rgb = feats @ projection  # (n, h, w, 3)
+    return _uint8_strip(rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2))
 
 
 def video_strip(video: Tensor, max_frames: int = 5, max_height: int = 256) -> np.ndarray:
     """Decoded frames (3, T, H, W) in [-1, 1] -> a uint8 strip (h, n*w, 3) of up to max_frames evenly spaced frames,
     shrunk to at most max_height rows (a finished extension segment, shown while the next one samples)."""
-    idx = torch.linspace(0, video.shape[1] - 1, min(max_frames, video.shape[1])).round().long()
-    frames = video[:, idx].float().cpu()  # (3, n, H, W)
+    frames = video[:, _evenly_spaced(video.shape[1], max_frames)].float().cpu()  # (3, n, H, W)
     if frames.shape[2] > max_height:
         size = (max_height, max(1, round(frames.shape[3] * max_height / frames.shape[2])))
         frames = torch.nn.functional.interpolate(frames.transpose(0, 1), size=size, mode="area").transpose(0, 1)
-    strip = rearrange(frames.clamp(-1, 1), "c n h w -> h (n w) c")
+    return _uint8_strip(rearrange(frames, "c n h w -> n h w c"))
+
+
+def _evenly_spaced(total: int, most: int) -> Tensor:
+    """Indices of up to `most` evenly spaced frames out of `total`, first and last included."""
+    return torch.linspace(0, total - 1, min(most, total)).round().long()
+
+
+def _uint8_strip(frames: Tensor) -> np.ndarray:
+    """Frames (n, h, w, 3) in [-1, 1] side by side -> uint8 (h, n*w, 3)."""
+    strip = rearrange(frames.clamp(-1, 1), "n h w c -> h (n w) c")
     return ((strip + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -121,7 +121,7 @@ def test_cli_evaluates_a_preset_folder_written_by_training(tmp_path):
     write_preset(folder, MMDiT(MMDiTConfig.from_dict(TINY_MMDIT)), CausalVAE(CausalVAEConfig.from_dict(TINY_VAE)),
                  trained=True, notes="test", training={}, sampling={**SAMPLING, "num_steps": 2})
     report = evaluate.main(["--preset", str(folder), "--t2v", "1", "--i2v", "0", "--loop", "0", "--extend", "0",
-                            "--ceiling", "2", "--frames", "9", "--json", str(tmp_path / "eval.json")])
+                            "--ceiling", "2", "--image-first", "--frames", "9", "--json", str(tmp_path / "eval.json")])
     assert report["preset"] == "shapes-default" and report["clips"] == 1
     assert json.loads((tmp_path / "eval.json").read_text())["t2v"]["clips"] == 1
     assert report["vae_ceiling"]["clips"] == 2 and report["clips"] == 1  # the ceiling judges no generated clip
