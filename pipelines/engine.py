@@ -71,14 +71,23 @@ class GenerationResult:
     kind: str = "result"
 
 
+@dataclass(frozen=True)
+class PromptText:
+    """One prompt after the optional LLM stages, with its suffixes, encoded."""
+
+    refined: str | None
+    final: str  # with the FPS and motion-score suffixes, as the text encoder read it
+    motion_score: int
+    text: object  # TextEmbeds of `final`
+    negative: object  # TextEmbeds of the negative prompt
+
+
 @dataclass
 class GeneratedVideo:
     options: ResolvedOptions
     video: torch.Tensor  # (3, T, H, W) in [-1, 1]: what is saved (extensions include the user's clip)
     raw: torch.Tensor  # (3, T, H, W) the decoded sample before stitching (the last segment's, for Extend)
-    refined_prompt: str | None
-    final_prompt: str
-    motion_score: int
+    prompts: list[PromptText]  # one per segment (the same object where segments share a prompt)
     counter: DenoiseCounter
     timings: dict
     warnings: list[str]
@@ -210,13 +219,14 @@ class Engine:
         self.state.runs += 1
         return GenerationResult(saved.video_path, saved.recipe_path, recipe, opts.seed, tuple(made.warnings))
 
-    def _generate(self, opts: ResolvedOptions, emit, stop) -> "GeneratedVideo":
-        timings, warnings, t0 = {}, [], time.perf_counter()
+    def _prepare_prompt(self, opts: ResolvedOptions, prompt: str, emit, stop, warnings: list[str],
+                        timings: dict) -> PromptText:
+        """Refine (optionally), add the suffixes and encode one prompt; stage times add up over prompts."""
         c = self.components
         mark = time.perf_counter()
-        prompt, refined, motion = self._refine(opts, emit, stop, warnings)
+        prompt, refined, motion = self._refine(opts, prompt, emit, stop, warnings)
         final_prompt = build_prompt(prompt, opts.fps, motion)
-        timings["refine"] = time.perf_counter() - mark
+        timings["refine"] = timings.get("refine", 0.0) + time.perf_counter() - mark
 
         mark = time.perf_counter()
         self._stage("encode_text", "Encoding the prompt", emit, stop)
@@ -225,7 +235,15 @@ class Engine:
             warnings.append(f"the prompt has {tokens} tokens; the text encoder reads the first "
                             f"{c.text_encoder.max_length}")
         text, negative = encode_text(c.text_encoder, final_prompt, opts.negative_prompt)
-        timings["encode_text"] = time.perf_counter() - mark
+        timings["encode_text"] = timings.get("encode_text", 0.0) + time.perf_counter() - mark
+        return PromptText(refined, final_prompt, motion, text, negative)
+
+    def _generate(self, opts: ResolvedOptions, emit, stop) -> "GeneratedVideo":
+        timings, warnings, t0 = {}, [], time.perf_counter()
+        prepared = {piece: self._prepare_prompt(opts, piece, emit, stop, warnings, timings)
+                    for piece in dict.fromkeys(opts.segment_prompts)}  # each distinct prompt once, in order
+        prompts = [prepared[piece] for piece in opts.segment_prompts]
+        text, negative = prompts[0].text, prompts[0].negative
 
         pixels = None
         video = raw = None
@@ -243,7 +261,8 @@ class Engine:
                     pixels = clip_references(opts.cond_type, video, pixels.source_fps)
                 elif pixels is None:  # (image-first runs already hold their first frame)
                     pixels = load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
-                raw = self._segment(opts, text, negative, pixels, segment, counter, timings, emit, stop)
+                raw = self._segment(opts, prompts[segment].text, prompts[segment].negative, pixels, segment, counter,
+                                    timings, emit, stop)
             except GenerationStopped:
                 if video is None:  # nothing finished yet
                     raise
@@ -257,8 +276,7 @@ class Engine:
                 emit(StageEvent("decode", f"Segment {done} of {opts.segments} done: {video.shape[1]} frames"))
                 emit(PreviewEvent(video_strip(video), opts.num_steps))
         timings["total"] = time.perf_counter() - t0
-        return GeneratedVideo(opts, video, raw, refined, final_prompt, motion, counter, timings, warnings, done,
-                              stopped_early)
+        return GeneratedVideo(opts, video, raw, prompts, counter, timings, warnings, done, stopped_early)
 
     def _segment(self, opts: ResolvedOptions, text, negative, pixels, segment: int, counter, timings: dict, emit,
                  stop, label: str | None = None) -> torch.Tensor:
@@ -296,9 +314,9 @@ class Engine:
         timed("decode", mark)
         return raw
 
-    def _refine(self, opts: ResolvedOptions, emit, stop, warnings: list[str]):
-        """Optional LLM stages; any failure keeps the user's prompt and says why (never silently)."""
-        prompt, refined, motion = opts.prompt, None, opts.motion_score
+    def _refine(self, opts: ResolvedOptions, prompt: str, emit, stop, warnings: list[str]):
+        """Optional LLM stages for `prompt`; any failure keeps the user's prompt and says why (never silently)."""
+        refined, motion = None, opts.motion_score
         if opts.refine:
             self._stage("refine", "Refining the prompt with the LLM", emit, stop)
             kind = "i2v" if opts.cond_type.startswith("i2v") else "t2v"
@@ -333,9 +351,11 @@ class Engine:
         return {
             "preset": self.preset.name, "preset_trained": self.preset.trained, "checkpoints": c.checkpoints,
             "mode": opts.mode, "cond_type": opts.cond_type,
-            "prompt": {"original": opts.prompt, "refined": made.refined_prompt, "final": made.final_prompt,
-                       "negative": opts.negative_prompt},
-            "options": {**opts.to_dict(), "motion_score": made.motion_score}, "seed": opts.seed,
+            "prompt": {"original": opts.prompt, "refined": made.prompts[0].refined, "final": made.prompts[0].final,
+                       "negative": opts.negative_prompt,
+                       **({"per_segment": [p.final for p in made.prompts]} if len(set(opts.segment_prompts)) > 1
+                          else {})},
+            "options": {**opts.to_dict(), "motion_score": made.prompts[0].motion_score}, "seed": opts.seed,
             "output": {"frames": int(video.shape[1]), "height": int(video.shape[2]), "width": int(video.shape[3]),
                        "fps": opts.fps, "segments": made.segments_done},
             "sampler": {"forwards": made.counter.forwards, "branch_evaluations": made.counter.branch_evals},

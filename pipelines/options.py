@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from pipelines.sizes import get_image_size, round_up
+from pipelines.text import has_segment_prompts, segment_prompts
 
 MODES = ("t2v", "i2v", "loop", "extend")
 MAX_STEPS = 200
@@ -95,6 +96,7 @@ class ResolvedOptions:
     references: tuple[str, ...]
     reference_frames: int  # clip frames the condition uses (extend), else 0
     segments: int  # extension segments (1 outside Extend)
+    segment_prompts: tuple[str, ...]  # the prompt of each segment (the same one unless `|k|` markers are used)
     refine: bool
     image_first: bool
     name: str | None
@@ -221,6 +223,12 @@ def resolve_options(opts: GenerationOptions, preset) -> ResolvedOptions:
     segments = _whole("segments", opts.segments, 1, MAX_SEGMENTS)
     if segments > 1 and opts.mode != "extend":
         raise OptionsError("only Extend runs in segments; use one segment for other modes")
+    if has_segment_prompts(prompt) and opts.mode != "extend":
+        raise OptionsError("per-segment prompts (|0|...|1|...) are for Extend in segments; write one plain prompt")
+    try:
+        per_segment = tuple(segment_prompts(prompt, segments))
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from None
     motion = opts.motion_score if opts.motion_score is not None else sampling.motion_score
     if motion != "dynamic":
         motion = _whole("motion score", motion, 1, 7)
@@ -239,7 +247,8 @@ def resolve_options(opts: GenerationOptions, preset) -> ResolvedOptions:
         scale_temporal_osci=bool(opts.scale_temporal_osci), shift=bool(opts.shift),
         flow_shift=None if opts.flow_shift is None else _finite("flow shift", opts.flow_shift, 0.01, 100),
         seed=seed, references=tuple(r for r in opts.references if r), reference_frames=reference_frames,
-        segments=segments, refine=bool(opts.refine), image_first=bool(opts.image_first) and opts.mode == "t2v", name=opts.name,
+        segments=segments, segment_prompts=per_segment, refine=bool(opts.refine),
+        image_first=bool(opts.image_first) and opts.mode == "t2v", name=opts.name,
         resolution=resolution, aspect_ratio=aspect_ratio)
 
 

@@ -116,3 +116,40 @@ def _check_motion_score(motion_score: int | float | str) -> None:
         f"motion score must be a number or a numeric string such as '4', got {motion_score!r} "
         "(resolve 'dynamic' with prompt_refine.ask_motion_score first)"
     )
+
+
+# Open-Sora's multi-prompt syntax for runs in segments: "|0|a red circle|2|a blue circle".
+_SEGMENT_MARKER = re.compile(r"\|(\d+)\|")
+
+
+def has_segment_prompts(prompt: str) -> bool:
+    """True when the prompt uses the `|k|text` per-segment syntax (it starts with a marker)."""
+    return _SEGMENT_MARKER.match(prompt.strip()) is not None
+
+
+def segment_prompts(prompt: str, segments: int) -> list[str]:
+    """The prompt of every segment (a list of `segments` strings).
+
+    A plain prompt serves every segment. With markers, `|k|text` starts `text` at segment k (counting from 0) and
+    it lasts until the next marker: `"|0|a red circle|2|a blue circle"` over 4 segments gives red, red, blue, blue.
+    Raises ValueError, naming the problem, for markers that do not start at 0, do not increase, name a segment
+    past the last, or carry no text.
+    """
+    text = prompt.strip()
+    if not has_segment_prompts(text):
+        return [text] * segments
+    parts = _SEGMENT_MARKER.split(text)[1:]  # [k0, text0, k1, text1, ...] (the text before |0| is empty)
+    starts, texts = [int(k) for k in parts[0::2]], [t.strip() for t in parts[1::2]]
+    if starts[0] != 0:
+        raise ValueError(f"per-segment prompts start with |0| (the first segment), not |{starts[0]}|")
+    for before, after in zip(starts, starts[1:]):
+        if after <= before:
+            raise ValueError(f"per-segment markers must increase: |{after}| comes after |{before}|")
+    if starts[-1] >= segments:
+        raise ValueError(f"the prompt sets segment {starts[-1]} (|{starts[-1]}|, counting from 0) but only "
+                         f"{segments} segment(s) run: raise Segments to {starts[-1] + 1} or more")
+    for start, piece in zip(starts, texts):
+        if not piece:
+            raise ValueError(f"the text after |{start}| is empty")
+    bounds = starts[1:] + [segments]
+    return [piece for start, end, piece in zip(starts, bounds, texts) for _ in range(end - start)]

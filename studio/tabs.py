@@ -96,7 +96,8 @@ def build_extend(prompt, examples: dict) -> Tab:
                                info="Condition on 65 frames instead of 33: steadier, needs a longer clip.")
         segments = gr.Slider(1, MAX_SEGMENTS, value=1, step=1, label="Segments", elem_id="extend-segments",
                              info="Repeat the extension, each segment continuing from the video so far. Stop "
-                                  "during a later segment keeps the finished ones.")
+                                  "during a later segment keeps the finished ones. Give segments their own "
+                                  "prompts with |0|first prompt|2|from the third segment on (counting from 0).")
         gr.Markdown("The clip needs at least 33 frames (65 with *easy*); the new video's frame count must exceed "
                     "that, and each segment adds that many frames less the context. The result is the original "
                     "clip plus the new frames.")

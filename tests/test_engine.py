@@ -125,6 +125,22 @@ def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path):
     assert (read_video(one.video_path)[0] - new[:, :45]).abs().mean() < 0.02  # (up to H.264 re-encoding)
 
 
+def test_extend_segments_follow_their_own_prompts(engine, clip_path):
+    def run(prompt):
+        return engine.generate_frames(GenerationOptions(mode="extend", prompt=prompt, segments=2,
+                                                        references=(clip_path,), num_frames=37, seed=5)).video
+
+    per_segment = engine.run(GenerationOptions(mode="extend", prompt="|0|a red circle|1|a blue square", segments=2,
+                                               references=(clip_path,), num_frames=37, seed=5))
+    assert per_segment.recipe["prompt"]["per_segment"] == ["a red circle. 8 FPS. 4 motion score.",
+                                                           "a blue square. 8 FPS. 4 motion score."]
+    split, red, blue = run("|0|a red circle|1|a blue square"), run("a red circle"), run("a blue square")
+    first, second = slice(0, 45), slice(45, 49)  # the clip and segment 1's frames, then segment 2's
+    assert torch.equal(split[:, first], red[:, first]) and not torch.equal(split[:, first], blue[:, first])
+    # segment 2 reads the blue prompt (from the same video so far as the all-red run, so only the prompt differs)
+    assert not torch.equal(split[:, second], red[:, second])
+
+
 def test_stop_during_a_later_segment_keeps_the_finished_ones(engine, clip_path):
     progress = []
     result = engine.run(GenerationOptions(mode="extend", prompt="x", segments=4, references=(clip_path,),
@@ -199,6 +215,10 @@ BAD_OPTIONS = [
     (dict(prompt="x", segments=2), "only Extend runs in segments"),
     (dict(prompt="x", mode="extend", references=("c.mp4",), num_frames=37, segments=9),
      "segments must be between 1 and 8"),
+    (dict(prompt="|0|a cat|1|a dog"), "per-segment prompts .* are for Extend"),
+    (dict(prompt="|0|a cat|2|a dog", mode="extend", references=("c.mp4",), num_frames=37, segments=2),
+     r"sets segment 2 .* only 2 segment\(s\) run"),
+    (dict(prompt="|1|a cat", mode="extend", references=("c.mp4",), num_frames=37, segments=2), "start with \|0\|"),
 ]
 
 

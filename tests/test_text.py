@@ -110,3 +110,18 @@ def test_training_and_inference_formats_differ():
     # Facts §10.8: the model saw "24 FPS, 4 motion score." in training but is prompted with "24 FPS. 4 motion score."
     assert format_training_caption("sea", 24, 4) == "sea 24 FPS, 4 motion score."
     assert build_prompt("sea", 24, 4) == "sea. 24 FPS. 4 motion score."
+
+
+def test_segment_prompts_follow_open_soras_multi_prompt_syntax():
+    from pipelines.text import has_segment_prompts, segment_prompts
+
+    assert segment_prompts("a red circle", 3) == ["a red circle"] * 3
+    assert segment_prompts("|0|a red circle|2|a blue circle", 4) == ["a red circle", "a red circle",
+                                                                     "a blue circle", "a blue circle"]
+    assert segment_prompts("  |0| a cat |1| a dog ", 2) == ["a cat", "a dog"]
+    assert not has_segment_prompts("a cat |0| in a box") and segment_prompts("a cat |0| in a box", 1) == [
+        "a cat |0| in a box"]  # markers count only at the start
+    for bad, message in (("|1|a", r"start with \|0\|"), ("|0|a|0|b", "must increase"),
+                         ("|0|a|3|b", r"sets segment 3 .* raise Segments to 4"), ("|0|a|1| ", r"after \|1\| is empty")):
+        with pytest.raises(ValueError, match=message):
+            segment_prompts(bad, 3)
