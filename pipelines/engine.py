@@ -353,11 +353,13 @@ class Engine:
             "mode": opts.mode, "cond_type": opts.cond_type,
             "prompt": {"original": opts.prompt, "refined": made.prompts[0].refined, "final": made.prompts[0].final,
                        "negative": opts.negative_prompt,
-                       **({"per_segment": [p.final for p in made.prompts]} if len(set(opts.segment_prompts)) > 1
-                          else {})},
+                       **({"per_segment": [{"prompt": piece, "refined": p.refined, "final": p.final,
+                                             "motion_score": p.motion_score}
+                                            for piece, p in zip(opts.segment_prompts, made.prompts)]}
+                          if len(set(opts.segment_prompts)) > 1 else {})},
             "options": {**opts.to_dict(), "motion_score": made.prompts[0].motion_score}, "seed": opts.seed,
             "output": {"frames": int(video.shape[1]), "height": int(video.shape[2]), "width": int(video.shape[3]),
-                       "fps": opts.fps, "segments": made.segments_done},
+                       "fps": opts.fps, "segments": made.segments_done, "stopped_early": made.stopped_early},
             "sampler": {"forwards": made.counter.forwards, "branch_evaluations": made.counter.branch_evals},
             "timings_s": {k: round(v, 3) for k, v in made.timings.items()},
             "peak_memory_bytes": peak.peak_device_bytes or peak.peak_rss_bytes,

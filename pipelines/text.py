@@ -127,6 +127,15 @@ def has_segment_prompts(prompt: str) -> bool:
     return _SEGMENT_MARKER.match(prompt.strip()) is not None
 
 
+def split_segment_markers(prompt: str) -> list[tuple[int | None, str]]:
+    """The prompt's pieces as written: [(None, prompt)] for a plain prompt, else [(k, text), ...] (unchecked)."""
+    text = prompt.strip()
+    if not has_segment_prompts(text):
+        return [(None, text)]
+    parts = _SEGMENT_MARKER.split(text)[1:]  # [k0, text0, k1, text1, ...] (the text before |0| is empty)
+    return [(int(k), piece.strip()) for k, piece in zip(parts[0::2], parts[1::2])]
+
+
 def segment_prompts(prompt: str, segments: int) -> list[str]:
     """The prompt of every segment (a list of `segments` strings).
 
@@ -135,11 +144,10 @@ def segment_prompts(prompt: str, segments: int) -> list[str]:
     Raises ValueError, naming the problem, for markers that do not start at 0, do not increase, name a segment
     past the last, or carry no text.
     """
-    text = prompt.strip()
-    if not has_segment_prompts(text):
-        return [text] * segments
-    parts = _SEGMENT_MARKER.split(text)[1:]  # [k0, text0, k1, text1, ...] (the text before |0| is empty)
-    starts, texts = [int(k) for k in parts[0::2]], [t.strip() for t in parts[1::2]]
+    pieces = split_segment_markers(prompt)
+    if pieces[0][0] is None:
+        return [pieces[0][1]] * segments
+    starts, texts = [start for start, _ in pieces], [piece for _, piece in pieces]
     if starts[0] != 0:
         raise ValueError(f"per-segment prompts start with |0| (the first segment), not |{starts[0]}|")
     for before, after in zip(starts, starts[1:]):
@@ -147,7 +155,7 @@ def segment_prompts(prompt: str, segments: int) -> list[str]:
             raise ValueError(f"per-segment markers must increase: |{after}| comes after |{before}|")
     if starts[-1] >= segments:
         raise ValueError(f"the prompt sets segment {starts[-1]} (|{starts[-1]}|, counting from 0) but only "
-                         f"{segments} segment(s) run: raise Segments to {starts[-1] + 1} or more")
+                         f"{segments} segment(s) run: set {starts[-1] + 1} or more segments")
     for start, piece in zip(starts, texts):
         if not piece:
             raise ValueError(f"the text after |{start}| is empty")

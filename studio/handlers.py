@@ -17,6 +17,7 @@ import gradio as gr
 
 from pipelines.options import GenerationOptions, OptionsError
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
+from pipelines.text import has_segment_prompts, split_segment_markers
 from pipelines.units import format_seconds
 from studio.controls import AUTO_MOTION, SharedControls, parse_motion
 from studio.jobs import EnginePool, JobUpdate, SessionJob, run_job
@@ -31,7 +32,7 @@ TAB_NAMES = {"t2v": ["image_first"], "i2v": ["image", "image_position"], "loop":
 STATE_NAMES = ["job", "llm"]
 # Which input a validation message belongs to, by the words it uses (first match wins).
 _FIELD_WORDS = (("num_frames", ("number of frames", "4k+1", "frames is more")), ("video", ("clip", "video")),
-                ("segments", ("segment",)),
+                ("prompt", ("per-segment", "the text after |")), ("segments", ("segment",)),
                 ("image", ("image",)), ("num_steps", ("steps",)), ("guidance_img", ("image guidance",)),
                 ("guidance", ("guidance",)), ("seed", ("seed",)), ("fps", ("fps",)), ("motion_score", ("motion",)),
                 ("aspect_ratio", ("aspect", "too large", "height", "width")), ("resolution", ("resolution",)))
@@ -101,6 +102,8 @@ def check_request(pool: EnginePool, mode: str, values: dict):
 
 
 def _field_for(message: str, mode: str) -> str:
+    """The input a validation message marks: by its words, else the prompt (also when the tab lacks that input,
+    so the message is always shown and the job never queued)."""
     media = {"i2v": {"image": "image"}, "loop": {"image": "first_image"}, "extend": {"video": "video"}}.get(mode, {})
     text = message.lower()
     for name, words in _FIELD_WORDS:
@@ -109,7 +112,7 @@ def _field_for(message: str, mode: str) -> str:
                 if name in media:
                     return media[name]
                 continue  # e.g. "Image to video needs ..." on the i2v tab is about the image
-            return name
+            return name if name in input_names(mode) else "prompt"
     return "prompt"
 
 
@@ -182,8 +185,8 @@ def _progress(progress, update: JobUpdate) -> None:
 
 def _resolve_motion(options: GenerationOptions, llm: LLMConfig):
     """'auto' motion: ask this session's LLM; fall back to the preset default with a visible warning."""
-    if options.motion_score != "dynamic":
-        return options
+    if options.motion_score != "dynamic" or has_segment_prompts(options.prompt):
+        return options  # (per-segment prompts: the engine asks for each segment's prompt itself)
     score, error = ask_motion_score(options.prompt, llm) if llm.is_configured else (None, "no LLM configured")
     if score is None:
         gr.Warning(f"Automatic motion score unavailable ({error}); the preset's default was used.")
@@ -281,13 +284,17 @@ def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, se
         raise gr.Error("No LLM endpoint is configured: open *LLM settings* or start the server with "
                        "OPENAI_API_KEY / OPENSORA_LLM_BASE_URL.", print_exception=False)
     picture = image if mode == "i2v" else (first_image if mode == "loop" else None)
-    try:
-        if picture:
-            outcome = refine_prompt(prompt or "", "i2v", config, image_path=picture)
-        else:
-            outcome = refine_prompt(prompt or "", "t2v", config)
-    except ValueError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
-    if not outcome.ok:
-        raise gr.Error(f"Refinement failed: {outcome.error}", print_exception=False)
-    return outcome.refined, True
+    pieces = split_segment_markers(prompt or "")  # [(None, prompt)] or [(k, text), ...] for |k| prompts
+    refined = []
+    for start, piece in pieces:
+        try:
+            if picture:
+                outcome = refine_prompt(piece, "i2v", config, image_path=picture)
+            else:
+                outcome = refine_prompt(piece, "t2v", config)
+        except ValueError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        if not outcome.ok:
+            raise gr.Error(f"Refinement failed: {outcome.error}", print_exception=False)
+        refined.append(outcome.refined if start is None else f"|{start}|{outcome.refined}")
+    return "".join(refined), True

@@ -87,6 +87,6 @@ def settings_from_recipe(recipe: dict) -> dict:
         "guidance_img": options.get("guidance_img"), "seed": recipe.get("seed", options.get("seed")),
         "randomize_seed": False,
     }
-    if prompt.get("refined"):
+    if prompt.get("refined") and not prompt.get("per_segment"):  # (per-segment runs refined each piece apart)
         values["refined_prompt"], values["use_refined"] = prompt["refined"], True
     return {key: value for key, value in values.items() if value is not None}

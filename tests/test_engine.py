@@ -132,8 +132,13 @@ def test_extend_segments_follow_their_own_prompts(engine, clip_path):
 
     per_segment = engine.run(GenerationOptions(mode="extend", prompt="|0|a red circle|1|a blue square", segments=2,
                                                references=(clip_path,), num_frames=37, seed=5))
-    assert per_segment.recipe["prompt"]["per_segment"] == ["a red circle. 8 FPS. 4 motion score.",
-                                                           "a blue square. 8 FPS. 4 motion score."]
+    assert [p["final"] for p in per_segment.recipe["prompt"]["per_segment"]] == [
+        "a red circle. 8 FPS. 4 motion score.", "a blue square. 8 FPS. 4 motion score."]
+    encodes = []
+    engine.generate_frames(GenerationOptions(mode="extend", prompt="|0|a|1|b|2|a", segments=3, num_steps=1,
+                                             references=(clip_path,), num_frames=37, seed=5),
+                           on_event=lambda e: encodes.append(e) if getattr(e, "stage", "") == "encode_text" else None)
+    assert len(encodes) == 2  # each distinct prompt is encoded once
     split, red, blue = run("|0|a red circle|1|a blue square"), run("a red circle"), run("a blue square")
     first, second = slice(0, 45), slice(45, 49)  # the clip and segment 1's frames, then segment 2's
     assert torch.equal(split[:, first], red[:, first]) and not torch.equal(split[:, first], blue[:, first])
@@ -218,7 +223,7 @@ BAD_OPTIONS = [
     (dict(prompt="|0|a cat|1|a dog"), "per-segment prompts .* are for Extend"),
     (dict(prompt="|0|a cat|2|a dog", mode="extend", references=("c.mp4",), num_frames=37, segments=2),
      r"sets segment 2 .* only 2 segment\(s\) run"),
-    (dict(prompt="|1|a cat", mode="extend", references=("c.mp4",), num_frames=37, segments=2), "start with \|0\|"),
+    (dict(prompt="|1|a cat", mode="extend", references=("c.mp4",), num_frames=37, segments=2), r"start with \|0\|"),
 ]
 
 
@@ -268,6 +273,6 @@ def test_stop_during_image_first_step_two_keeps_the_first_frame(engine):
                         should_stop=lambda: any(m.startswith("Step 2 of 2") for m in stages))
     info = probe_video(result.video_path)  # (a one-frame file carries no frame rate of its own to probe)
     assert (info.frames, info.width, info.height) == (1, 64, 64)
-    assert result.recipe["output"]["frames"] == 1 and result.recipe["output"]["segments"] == 0
+    assert result.recipe["output"]["frames"] == 1 and result.recipe["output"]["stopped_early"]
     assert any("the first frame was kept" in w for w in result.warnings)
     assert engine.state.stage == "idle"

@@ -23,10 +23,29 @@ def test_t2v_report_has_accuracies_and_speed_correlation(engine):
     mistakes = sum(report["shape_confusion"].values())
     assert mistakes == round(3 * (1 - report["shape_accuracy"]))
     assert all("->" in key for key in (*report["shape_confusion"], *report["color_confusion"]))
+    assert report["image_first"] is False
+
+
+def test_confusions_read_asked_then_judged():
+    from pipelines.training.shapes import sample_eval_prompts
+
+    spec = sample_eval_prompts(1, 0)[0].spec
+    row = {f"{k}_correct": True for k in ("color", "shape", "direction", "background")}
+    rows = [{**row, "expected": spec, "shape": "other", "shape_correct": False, "color": spec.color,
+             "all_correct": False}, {**row, "expected": spec, "shape": spec.shape, "color": spec.color,
+                                     "all_correct": True}]
+    report = evaluate._accuracies(rows)
+    assert report["shape_confusion"] == {f"{spec.shape}->other": 1} and report["color_confusion"] == {}
+    assert report["shape_accuracy"] == 0.5 and report["all_correct"] == 0.5
 
 
 class _LosslessVAE:
     """Encodes to the pixels themselves: its reconstructions are the clips, so the ceiling must be perfect."""
+
+    def parameters(self):
+        import torch
+
+        yield torch.zeros(1)  # (the evaluation sends clips to the VAE's device)
 
     def encode(self, x):
         return x
@@ -125,3 +144,4 @@ def test_cli_evaluates_a_preset_folder_written_by_training(tmp_path):
     assert report["preset"] == "shapes-default" and report["clips"] == 1
     assert json.loads((tmp_path / "eval.json").read_text())["t2v"]["clips"] == 1
     assert report["vae_ceiling"]["clips"] == 2 and report["clips"] == 1  # the ceiling judges no generated clip
+    assert report["t2v"]["image_first"] is True

@@ -189,6 +189,12 @@ def test_validation_messages_point_at_the_right_input():
     assert _field_for("set the number of frames to at least 37", "extend") == "num_frames"
     assert _field_for("Image to video needs exactly one image: upload one", "i2v") == "image"
     assert _field_for("the prompt is empty", "t2v") == "prompt"
+    # per-segment prompt problems mark the prompt (on tabs without a Segments slider too, so nothing is queued)
+    assert _field_for("per-segment prompts (|0|...|1|...) are for Extend in segments", "t2v") == "prompt"
+    assert _field_for("per-segment markers must increase: |0| comes after |1|", "extend") == "prompt"
+    assert _field_for("the prompt sets segment 2 (|2|, counting from 0) but only 1 segment(s) run", "extend") == \
+        "segments"
+    assert _field_for("segments must be between 1 and 8, got 9", "t2v") == "prompt"
 
 
 def test_size_and_duration_helpers_show_real_numbers():
@@ -213,6 +219,9 @@ def test_refine_fills_the_separate_box_through_an_openai_compatible_server():
     with FakeLLMServer(answer="A red circle glides right.") as server:
         config = LLMConfig(base_url=server.base_url, api_key="sk-test", timeout_s=5)
         assert refine("a red circle", "t2v", None, None, config, LLMConfig()) == ("A red circle glides right.", True)
+        # per-segment prompts: each piece is refined on its own and the markers are kept
+        assert refine("|0|a red circle|2|a blue one", "extend", None, None, config, LLMConfig()) == (
+            "|0|A red circle glides right.|2|A red circle glides right.", True)
 
 
 def test_history_lists_complete_results_newest_first_and_reloads_their_settings(tmp_path):
@@ -229,6 +238,9 @@ def test_history_lists_complete_results_newest_first_and_reloads_their_settings(
     assert [item.media.name for item in items] == ["b.mp4", "a.mp4"]
     values = settings_from_recipe(recipe)
     assert values["mode"] == "i2v" and values["seed"] == 7 and values["randomize_seed"] is False
+    segmented = {**recipe, "prompt": {"original": "|0|a|1|b", "refined": "A.", "per_segment": [{}, {}]}}
+    assert settings_from_recipe(segmented)["prompt"] == "|0|a|1|b" and "refined_prompt" not in settings_from_recipe(
+        segmented)
     assert values["motion_score"] == "3" and values["negative_prompt"] == "blur" and values["num_frames"] == 33
 
 

@@ -113,7 +113,7 @@ def test_training_and_inference_formats_differ():
 
 
 def test_segment_prompts_follow_open_soras_multi_prompt_syntax():
-    from pipelines.text import has_segment_prompts, segment_prompts
+    from pipelines.text import has_segment_prompts, segment_prompts, split_segment_markers
 
     assert segment_prompts("a red circle", 3) == ["a red circle"] * 3
     assert segment_prompts("|0|a red circle|2|a blue circle", 4) == ["a red circle", "a red circle",
@@ -121,7 +121,9 @@ def test_segment_prompts_follow_open_soras_multi_prompt_syntax():
     assert segment_prompts("  |0| a cat |1| a dog ", 2) == ["a cat", "a dog"]
     assert not has_segment_prompts("a cat |0| in a box") and segment_prompts("a cat |0| in a box", 1) == [
         "a cat |0| in a box"]  # markers count only at the start
+    assert split_segment_markers(" a cat ") == [(None, "a cat")]
+    assert split_segment_markers("|0|a cat|3| a dog") == [(0, "a cat"), (3, "a dog")]
     for bad, message in (("|1|a", r"start with \|0\|"), ("|0|a|0|b", "must increase"),
-                         ("|0|a|3|b", r"sets segment 3 .* raise Segments to 4"), ("|0|a|1| ", r"after \|1\| is empty")):
+                         ("|0|a|3|b", r"sets segment 3 .* set 4 or more segments"), ("|0|a|1| ", r"after \|1\| is empty")):
         with pytest.raises(ValueError, match=message):
             segment_prompts(bad, 3)

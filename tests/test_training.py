@@ -457,11 +457,13 @@ def test_edge_loss_tells_a_blurred_outline_from_a_sharp_one():
         load_train_config("tiny-vae", ["edge_weight=-1"])
 
 
-def test_vae_stage_adds_the_edge_loss_when_asked():
+def test_vae_stage_adds_the_edge_loss_when_asked(monkeypatch):
+    from pipelines.training import train
     from pipelines.training.train import VAEStage
 
+    monkeypatch.setattr(train, "edge_loss", lambda recon, x, weight: torch.tensor(0.25))
     torch.manual_seed(0)
     plain, edged = (VAEStage(load_train_config("tiny-vae", extra)) for extra in ([], ["edge_weight=2"]))
     model = plain.build_model()
     losses = [stage.loss(model, 2, torch.Generator().manual_seed(3), 0) for stage in (plain, edged)]
-    assert losses[1] > losses[0]  # same clips, same model: only the edge term differs
+    assert float((losses[1] - losses[0]).detach()) == pytest.approx(2 * 0.25)  # same clips and model: only edge_weight * edge

@@ -64,7 +64,8 @@ def evaluate_t2v(engine: Engine, n: int, seed: int, frames: int, image_first: bo
         rows.append({**report, "expected": item.spec})
         speeds.append(report["speed"])
         scores.append(item.spec.motion_score)
-    return {**_accuracies(rows), "speed_vs_motion_score": speed_score_correlation(speeds, scores)}
+    return {**_accuracies(rows), "image_first": image_first,
+            "speed_vs_motion_score": speed_score_correlation(speeds, scores)}
 
 
 def _accuracies(rows: list[dict]) -> dict:
@@ -87,7 +88,7 @@ def evaluate_vae_ceiling(engine: Engine, n: int, seed: int, frames: int) -> dict
     for item in sample_eval_prompts(n, seed, num_frames=frames):
         clip = render_clip(item.spec, frames)  # (T, H, W, 3)
         x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
-        x = x.to(engine.device, engine.components.dtype)
+        x = x.to(next(vae.parameters()).device, engine.components.dtype)  # (where the VAE is, offloaded or not)
         with torch.inference_mode():
             recon = _frames(vae.decode(vae.encode(x))[0, :, :frames].float().clamp(-1, 1).cpu())
         rows.append({**judge_clip(recon, item.spec), "expected": item.spec})

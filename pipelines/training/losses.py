@@ -88,8 +88,8 @@ def get_batch_loss(pred: Tensor, target: Tensor, masks: Tensor | None = None,
 
 
 def edge_loss(recon: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Weighted mean L1 of the error's spatial gradients (recon, target (B, C, T, H, W); weights broadcastable, e.g.
-    (B, 1, T, H, W)): the gradient difference loss of Mathieu et al. (2016).
+    """Weighted mean L1 of the error's spatial gradients (recon, target (B, C, T, H, W); weights (B, 1, T, H, W) or
+    broadcastable to it): the gradient difference loss of Mathieu et al. (2016).
 
     A per-pixel loss barely tells a blurred outline from a sharp one (the blur costs only on the few edge pixels,
     and an average of the two sides is cheap under MSE); differences between neighbours do, so the decoder keeps
