@@ -243,15 +243,14 @@ class Engine:
         prepared = {piece: self._prepare_prompt(opts, piece, emit, stop, warnings, timings)
                     for piece in dict.fromkeys(opts.segment_prompts)}  # each distinct prompt once, in order
         prompts = [prepared[piece] for piece in opts.segment_prompts]
-        text, negative = prompts[0].text, prompts[0].negative
 
         pixels = None
         video = raw = None
         counter, done, stopped_early = DenoiseCounter(), 0, False
         if opts.image_first:  # t2i, then i2v from that frame (Open-Sora 2.0's text -> image -> video flow)
             step_one = replace(opts, num_frames=1, segments=1, image_first=False)
-            first = self._segment(step_one, text, negative, ReferencePixels(), 0, counter, timings, emit, stop,
-                                  label="Step 1 of 2, the first frame: ")
+            first = self._segment(step_one, prompts[0].text, prompts[0].negative, ReferencePixels(), 0, counter,
+                                  timings, emit, stop, label="Step 1 of 2, the first frame: ")
             emit(PreviewEvent(video_strip(first), opts.num_steps))
             pixels, opts = ReferencePixels(head=first), replace(opts, cond_type="i2v_head")
             video = raw = first  # what a Stop during step 2 keeps

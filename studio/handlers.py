@@ -288,10 +288,7 @@ def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, se
     refined = []
     for start, piece in pieces:
         try:
-            if picture:
-                outcome = refine_prompt(piece, "i2v", config, image_path=picture)
-            else:
-                outcome = refine_prompt(piece, "t2v", config)
+            outcome = refine_prompt(piece, "i2v" if picture else "t2v", config, image_path=picture or None)
         except ValueError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         if not outcome.ok:
