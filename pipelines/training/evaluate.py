@@ -33,6 +33,7 @@ from pipelines.engine import Engine
 from pipelines.media import to_uint8_frames, write_video
 from pipelines.options import GenerationOptions
 from pipelines.presets import load_embedded_preset
+from pipelines.stages import decode_video
 from pipelines.training.judge import centroid_track, judge_clip, motion_direction, psnr, speed_score_correlation
 from pipelines.training.shapes import render_clip, sample_eval_prompts
 
@@ -90,7 +91,7 @@ def evaluate_vae_ceiling(engine: Engine, n: int, seed: int, frames: int) -> dict
         x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
         x = x.to(next(vae.parameters()).device, engine.components.dtype)  # (where the VAE is, offloaded or not)
         with torch.inference_mode():
-            recon = _frames(vae.decode(vae.encode(x))[0, :, :frames].float().clamp(-1, 1).cpu())
+            recon = _frames(decode_video(vae, vae.encode(x), frames))
         rows.append({**judge_clip(recon, item.spec), "expected": item.spec})
         psnrs.append(_psnr_capped(recon, clip))
     return {**_accuracies(rows), "psnr_db": _mean(psnrs)}
