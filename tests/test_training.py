@@ -390,6 +390,9 @@ class _FakeVAE:
     def decode(self, z):
         return torch.full_like(z, 0.2) if self.brown else z
 
+    def parameters(self):
+        yield torch.zeros(1)  # (clips go to the VAE's device and dtype)
+
 
 def test_colour_fidelity_tells_a_faithful_vae_from_one_that_loses_colour():
     from pipelines.training.train_default import colour_fidelity

@@ -26,16 +26,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pipelines.engine import Engine
 from pipelines.media import to_uint8_frames, write_video
 from pipelines.options import GenerationOptions
 from pipelines.presets import load_embedded_preset
-from pipelines.stages import decode_video
 from pipelines.training.judge import centroid_track, judge_clip, motion_direction, psnr, speed_score_correlation
 from pipelines.training.shapes import render_clip, sample_eval_prompts
+from pipelines.training.train_default import round_trip
 
 TARGETS = {"t2v_color": 0.95, "t2v_direction": 0.90, "t2v_shape": 0.85, "i2v_first_psnr_db": 28.0,
            "loop_last_psnr_db": 25.0, "extend_kept_psnr_db": 28.0, "extend_direction": 0.90}
@@ -88,10 +87,7 @@ def evaluate_vae_ceiling(engine: Engine, n: int, seed: int, frames: int) -> dict
     rows, psnrs = [], []
     for item in sample_eval_prompts(n, seed, num_frames=frames):
         clip = render_clip(item.spec, frames)  # (T, H, W, 3)
-        x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
-        x = x.to(next(vae.parameters()).device, engine.components.dtype)  # (where the VAE is, offloaded or not)
-        with torch.inference_mode():
-            recon = _frames(decode_video(vae, vae.encode(x), frames))
+        recon = round_trip(vae, clip)  # (where the VAE is, offloaded or not)
         rows.append({**judge_clip(recon, item.spec), "expected": item.spec})
         psnrs.append(_psnr_capped(recon, clip))
     return {**_accuracies(rows), "psnr_db": _mean(psnrs)}

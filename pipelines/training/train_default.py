@@ -47,6 +47,16 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def round_trip(vae: CausalVAE, clip: np.ndarray) -> np.ndarray:
+    """A uint8 clip (T, H, W, 3) through the VAE (encode, decode) and back to uint8 (T, H, W, 3), on the VAE's
+    device and dtype."""
+    weight = next(vae.parameters())
+    x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].to(weight.device, weight.dtype) / 127.5 - 1.0
+    recon = vae.decode(vae.encode(x))[0, :, :clip.shape[0]].float().cpu()  # (3, T, H, W)
+    return to_uint8(recon).permute(1, 2, 3, 0).numpy()
+
+
+@torch.no_grad()
 def measure_vae(vae: CausalVAE, clips: int = 16, num_frames: int = 33, seed: int = 1234) -> dict:
     """Latent mean/std of the *unscaled* posterior mean, and reconstruction PSNR (whole clip, first frame)."""
     from pipelines.training.judge import psnr
@@ -82,8 +92,7 @@ def colour_fidelity(vae: CausalVAE, num_frames: int = 9, seed: int = 1234) -> di
                 continue
             spec = sample_spec(rng, num_frames=num_frames, color=color, background=background, shape="square")
             clip = render_clip(spec, num_frames)  # (T, H, W, 3) uint8
-            x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-            recon = to_uint8(vae.decode(vae.encode(x)))[0].permute(1, 2, 3, 0).numpy()
+            recon = round_trip(vae, clip)
             right.append(bool(judge_clip(recon, spec)["color_correct"]))
             on_object = np.abs(clip.astype(np.int32) - np.asarray(BACKGROUNDS[background])).sum(-1) > 60
             errors.append(np.abs(recon[on_object].mean(0) - clip[on_object].mean(0)).mean())
