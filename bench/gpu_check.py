@@ -1,6 +1,7 @@
-"""GPU check: the released 11B MMDiT (random bf16 weights) and Hunyuan VAE at 256px, skipping vs three-branch.
+"""GPU check: the released 11B MMDiT (random bf16 weights) and Hunyuan VAE, skipping vs three-branch.
 
-    python bench/gpu_check.py            # on an H100/H200: ~5 minutes including warm-up
+    python bench/gpu_check.py                                   # 256x256, 129 frames; ~3 minutes on an H200
+    python bench/gpu_check.py --resolution 768px --steps 1 --modes t2v --samplers skipping --no-vae
     python bench/gpu_check.py --smoke    # tiny config on the CPU (the test suite runs this so it cannot rot)
 
 Reports s/step for t2v and i2v with the skipping sampler and with the plain three-branch loop, the projected 50-step
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.memory_estimate import estimate_memory  # noqa: E402
-from pipelines.models import build_causal_vae, build_mmdit  # noqa: E402
+from pipelines.models import CausalVAEConfig, build_causal_vae, build_mmdit  # noqa: E402
 from pipelines.options import GenerationOptions, resolve_options  # noqa: E402
 from pipelines.presets import get_preset  # noqa: E402
 from pipelines.sampling import (DenoiseCounter, GuidanceOptions, TextEmbeds, denoise, get_schedule,  # noqa: E402
@@ -76,55 +77,78 @@ def time_sampler(model, cond_type, t_lat, h_lat, w_lat, txt_len, steps, skip_kno
             "projected_50_steps_s": per_branch * full_evals, "branch_evals_50_steps": full_evals}
 
 
-def estimated_sampling_gb(preset, three_branches: bool) -> float:
+def estimated_sampling_gb(preset, resolution: str, aspect_ratio: str, frames: int, branches: int) -> float:
     """The estimate for this script's sampling batch: MMDiT and VAE weights + activations (no text encoder here)."""
-    opts = resolve_options(GenerationOptions(prompt="check", resolution="256px", aspect_ratio="16:9",
-                                             num_frames=129), preset)
-    estimate = estimate_memory(preset, opts, device_type="cuda", dtype=torch.bfloat16,
-                               branches=3 if three_branches else 2)
+    opts = resolve_options(GenerationOptions(prompt="check", resolution=resolution, aspect_ratio=aspect_ratio,
+                                             num_frames=frames), preset)
+    estimate = estimate_memory(preset, opts, device_type="cuda", dtype=torch.bfloat16, branches=branches)
     return (estimate.stages["sample"] - estimate.weights["text_encoder"]) / 1e9
+
+
+def latent_size(preset, resolution: str, aspect_ratio: str, frames: int) -> tuple[int, int, int, int, int]:
+    """(t_lat, h_lat, w_lat, height, width) of a released-model clip at this size."""
+    opts = resolve_options(GenerationOptions(prompt="check", resolution=resolution, aspect_ratio=aspect_ratio,
+                                             num_frames=frames), preset)
+    vae = CausalVAEConfig.from_dict(preset.vae)
+    s, t = vae.spatial_compression_ratio, vae.time_compression_ratio
+    return (opts.num_frames - 1) // t + 1, opts.height // s, opts.width // s, opts.height, opts.width
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU")
     p.add_argument("--steps", type=int, default=None, help="steps to time per case (default 12; 2 with --smoke)")
+    p.add_argument("--resolution", default="256px", help="256px or 768px (default 256px)")
+    p.add_argument("--aspect-ratio", default="1:1", help="default 1:1, the published 256x256 / 768x768 setting")
+    p.add_argument("--frames", type=int, default=129, help="clip length (default 129, the released config's)")
+    p.add_argument("--modes", default="t2v,i2v", help="comma-separated: t2v, i2v")
+    p.add_argument("--samplers", default="skipping,three-branch", help="comma-separated: skipping, three-branch")
+    p.add_argument("--no-vae", action="store_true", help="skip the VAE decode timing")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    modes, samplers = args.modes.split(","), args.samplers.split(",")
+    if not set(modes) <= {"t2v", "i2v"} or not set(samplers) <= {"skipping", "three-branch"}:
+        p.error("--modes takes t2v,i2v and --samplers skipping,three-branch")
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     preset = get_preset("opensora-v2-256px")
     mmdit_cfg = SMOKE_MMDIT if args.smoke else preset.mmdit
     vae_cfg = SMOKE_VAE if args.smoke else dict(preset.vae, use_spatial_tiling=True)
-    # 256px 16:9 is 192x336, 129 frames -> latent 33 x 24 x 42; the smoke run shrinks everything.
-    t_lat, h_lat, w_lat, txt_len = (3, 8, 8, 8) if args.smoke else (33, 24, 42, 512)
+    t_lat, h_lat, w_lat, height, width = latent_size(preset, args.resolution, args.aspect_ratio, args.frames)
+    txt_len = 512
+    if args.smoke:  # the smoke run shrinks everything
+        t_lat, h_lat, w_lat, txt_len = 3, 8, 8, 8
     steps = args.steps or (2 if args.smoke else 12)
     with torch.device("meta"):
         model = build_mmdit(**mmdit_cfg)
         vae = build_causal_vae(**vae_cfg)
     model, vae = random_init(model, device, dtype), random_init(vae, device, dtype)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
-            "mmdit_params": sum(p.numel() for p in model.parameters()), "latent": [t_lat, h_lat, w_lat],
-            "date": time.strftime("%Y-%m-%d"), "results": []}
-    time_sampler(model, "t2v", t_lat, h_lat, w_lat, txt_len, 1, True, device, dtype)  # warm-up
-    for mode in ("t2v", "i2v"):
-        for skip in (True, False):
+            "torch": torch.__version__, "mmdit_params": sum(p.numel() for p in model.parameters()),
+            "size": "smoke" if args.smoke else f"{height}x{width}x{args.frames}", "latent": [t_lat, h_lat, w_lat],
+            "tokens": t_lat * (h_lat // 2) * (w_lat // 2), "date": time.strftime("%Y-%m-%d"), "results": []}
+    time_sampler(model, modes[0], t_lat, h_lat, w_lat, txt_len, 1, True, device, dtype)  # warm-up
+    for mode in modes:
+        for sampler in samplers:
+            skip = sampler == "skipping"
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             row = time_sampler(model, mode, t_lat, h_lat, w_lat, txt_len, steps, skip, device, dtype)
             if device.type == "cuda":
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                row["estimated_gb"] = estimated_sampling_gb(preset, mode == "i2v" or not skip)
+                row["estimated_gb"] = estimated_sampling_gb(preset, args.resolution, args.aspect_ratio, args.frames,
+                                                            3 if mode == "i2v" or not skip else 2)
             info["results"].append(row)
             print(json.dumps(row), flush=True)
-    z = torch.randn(1, vae.config.latent_channels, t_lat, h_lat, w_lat, device=device, dtype=dtype)
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        frames = vae.decode(z)
-    sync(device)
-    info["vae_decode_s"] = time.perf_counter() - start
-    info["vae_decode_shape"] = list(frames.shape)
+    if not args.no_vae:
+        z = torch.randn(1, vae.config.latent_channels, t_lat, h_lat, w_lat, device=device, dtype=dtype)
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            frames = vae.decode(z)
+        sync(device)
+        info["vae_decode_s"] = time.perf_counter() - start
+        info["vae_decode_shape"] = list(frames.shape)
     if device.type == "cuda":
         info["peak_gb_overall"] = torch.cuda.max_memory_allocated() / 1e9
     print(json.dumps({k: v for k, v in info.items() if k != "results"}), flush=True)

@@ -23,6 +23,7 @@ from pipelines.training.distributed import (
     all_reduce_mean,
     barrier,
     cleanup,
+    collective_device,
     create_engine,
     setup_distributed,
     unwrap_model,
@@ -73,6 +74,7 @@ def full_params(model: nn.Module) -> torch.Tensor:
 
 
 def same_on_all_ranks(vector: torch.Tensor) -> bool:
+    vector = vector.to(collective_device())  # NCCL gathers GPU tensors only
     gathered = [torch.empty_like(vector) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, vector)
     return all(torch.equal(gathered[0], g) for g in gathered)

@@ -53,6 +53,7 @@ def two_rank_results(tmp_path_factory) -> dict:
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
     env["PYTHONPATH"] = str(REPO_ROOT)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # two gloo ranks on the CPU even on a one-GPU machine (NCCL wants a GPU per rank)
     proc = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -100,7 +101,7 @@ def test_single_process_engine_steps_and_clips(monkeypatch):
     engine = create_engine(model, DistributedConfig(grad_clip=1e-3), state, lr=0.1)
     assert isinstance(engine, TorchEngine) and engine.unwrapped_model is model
     before = model.weight.detach().clone()
-    engine.backward((model(torch.randn(8, 4)) * 100).pow(2).mean())
+    engine.backward((model(torch.randn(8, 4, device=state.device)) * 100).pow(2).mean())
     norm = engine.step()
     assert norm is not None and norm > 1e-3  # reported before clipping
     assert model.weight.grad is None and not torch.equal(model.weight, before)

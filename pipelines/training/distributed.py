@@ -28,6 +28,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "collective_device",
     "cleanup",
     "create_engine",
     "is_main_process",
@@ -87,7 +88,9 @@ def setup_distributed(timeout_minutes: float = 30.0) -> DistState:
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        # Naming the GPU binds NCCL to it (barriers otherwise guess the device from the rank).
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                                device_id=device if cuda else None)
     return DistState(rank, world_size, local_rank, device, rank == 0)
 
 
@@ -110,18 +113,28 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def collective_device() -> torch.device:
+    """Where tensors must be for collectives: the current GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum `tensor` over ranks in place and return it."""
+    """Sum `tensor` over ranks in place and return it; a CPU tensor works under NCCL too (reduced on the GPU,
+    copied back)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        work = tensor.to(collective_device())
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        if work is not tensor:
+            tensor.copy_(work)
     return tensor
 
 
 def all_reduce_mean(tensor: Tensor) -> Tensor:
     """Average `tensor` over ranks in place and return it (e.g. a loss for logging)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
+        all_reduce_sum(tensor).div_(dist.get_world_size())
     return tensor
 
 

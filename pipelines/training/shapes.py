@@ -360,7 +360,8 @@ def object_pixels(video: torch.Tensor, backgrounds: list[str], margin: int = 0) 
     """Where the object is: (B, 1, T, H, W) float, 1 on pixels of `video` ((B, 3, T, H, W) in [-1, 1]) that
     differ from their clip's background colour, 0 elsewhere. With `margin` m the mask also covers background
     within m pixels of the object (a square window, frame by frame)."""
-    bg = torch.tensor([BACKGROUNDS[name] for name in backgrounds], dtype=video.dtype) / 127.5 - 1.0  # (B, 3)
+    bg = torch.tensor([BACKGROUNDS[name] for name in backgrounds], dtype=video.dtype, device=video.device)
+    bg = bg / 127.5 - 1.0  # (B, 3)
     on_object = ((video - bg[:, :, None, None, None]).abs().amax(dim=1, keepdim=True) > 0.05).to(video.dtype)
     if margin:
         on_object = torch.nn.functional.max_pool3d(on_object, kernel_size=(1, 2 * margin + 1, 2 * margin + 1),
