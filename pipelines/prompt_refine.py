@@ -21,6 +21,8 @@ from typing import Literal
 import openai
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.text import strip_segment_markers
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-4o"
@@ -166,7 +168,10 @@ def refine_prompt(
     except LLMCallError as exc:
         logger.warning("prompt refinement (%s) failed: %s", kind, exc)
         return RefineResult(prompt, prompt, ok=False, error=str(exc))
-    return RefineResult(prompt, answer, ok=True, error=None)
+    refined = strip_segment_markers(answer)  # one prompt in, one prompt out: no |k| segment markers
+    if not refined:
+        return RefineResult(prompt, prompt, ok=False, error="the LLM answered with segment markers only")
+    return RefineResult(prompt, refined, ok=True, error=None)
 
 
 def ask_motion_score(prompt: str, config: LLMConfig) -> tuple[int | None, str | None]:

@@ -127,6 +127,12 @@ def has_segment_prompts(prompt: str) -> bool:
     return _SEGMENT_MARKER.match(prompt.strip()) is not None
 
 
+def strip_segment_markers(text: str) -> str:
+    """`text` with any `|k|` markers taken out (one line): for text that must stay one prompt, such as an LLM's
+    refinement of one segment's piece, which would otherwise split into new segments when read back."""
+    return " ".join(_SEGMENT_MARKER.sub(" ", text).split())
+
+
 def split_segment_markers(prompt: str) -> list[tuple[int | None, str]]:
     """The prompt's pieces as written: [(None, prompt)] for a plain prompt, else [(k, text), ...] (unchecked)."""
     text = prompt.strip()

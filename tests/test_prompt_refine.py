@@ -85,6 +85,15 @@ def test_answer_is_flattened_to_one_unquoted_line(fake_llm):
     assert refine_prompt("green square", "t2i", make_config(fake_llm)).refined == "A green square slides left."
 
 
+def test_segment_markers_in_the_answer_are_taken_out(fake_llm):
+    """A refined piece of a `|0|...|2|...` prompt is put back behind its marker: markers inside it would split it."""
+    fake_llm.answer = "A red circle |1| moves right, |2| then stops."
+    assert refine_prompt("red circle", "t2v", make_config(fake_llm)).refined == "A red circle moves right, then stops."
+    fake_llm.answer = "|0| |3|"
+    result = refine_prompt("red circle", "t2v", make_config(fake_llm))
+    assert not result.ok and result.refined == "red circle" and "markers only" in result.error
+
+
 def test_i2v_sends_the_image_as_a_data_url(fake_llm, png_path):
     result = refine_prompt("it starts moving left", "i2v", make_config(fake_llm), image_path=png_path)
     assert result.ok

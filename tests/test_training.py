@@ -550,3 +550,19 @@ def test_training_stages_run_on_cuda(stage, tmp_path, monkeypatch):
     result = train.train(load_train_config(stage, [f"outputs={tmp_path}", "steps=3"]))
     assert next(result.model.parameters()).device.type == "cuda"
     assert result.steps == 3 and math.isfinite(result.final_loss)
+
+
+def test_vae_round_trip_keeps_the_clip_shape_and_refuses_a_diverged_vae():
+    import numpy as np
+
+    from pipelines.training.train_default import round_trip
+
+    torch.manual_seed(0)
+    vae = CausalVAE(CausalVAEConfig.from_dict(TINY_VAE)).eval()
+    clip = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    out = round_trip(vae, clip)
+    assert out.shape == clip.shape and out.dtype == np.uint8
+    with torch.no_grad():
+        next(vae.decoder.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        round_trip(vae, clip)
