@@ -77,21 +77,17 @@ def time_sampler(model, cond_type, t_lat, h_lat, w_lat, txt_len, steps, skip_kno
             "projected_50_steps_s": per_branch * full_evals, "branch_evals_50_steps": full_evals}
 
 
-def estimated_sampling_gb(preset, resolution: str, aspect_ratio: str, frames: int, branches: int) -> float:
+def estimated_sampling_gb(preset, opts, branches: int) -> float:
     """The estimate for this script's sampling batch: MMDiT and VAE weights + activations (no text encoder here)."""
-    opts = resolve_options(GenerationOptions(prompt="check", resolution=resolution, aspect_ratio=aspect_ratio,
-                                             num_frames=frames), preset)
     estimate = estimate_memory(preset, opts, device_type="cuda", dtype=torch.bfloat16, branches=branches)
     return (estimate.stages["sample"] - estimate.weights["text_encoder"]) / 1e9
 
 
-def latent_size(preset, resolution: str, aspect_ratio: str, frames: int) -> tuple[int, int, int, int, int]:
-    """(t_lat, h_lat, w_lat, height, width) of a released-model clip at this size."""
-    opts = resolve_options(GenerationOptions(prompt="check", resolution=resolution, aspect_ratio=aspect_ratio,
-                                             num_frames=frames), preset)
+def latent_size(preset, opts) -> tuple[int, int, int]:
+    """(t_lat, h_lat, w_lat) of a released-model clip of these options."""
     vae = CausalVAEConfig.from_dict(preset.vae)
     s, t = vae.spatial_compression_ratio, vae.time_compression_ratio
-    return (opts.num_frames - 1) // t + 1, opts.height // s, opts.width // s, opts.height, opts.width
+    return (opts.num_frames - 1) // t + 1, opts.height // s, opts.width // s
 
 
 def main(argv=None) -> dict:
@@ -114,7 +110,9 @@ def main(argv=None) -> dict:
     preset = get_preset("opensora-v2-256px")
     mmdit_cfg = SMOKE_MMDIT if args.smoke else preset.mmdit
     vae_cfg = SMOKE_VAE if args.smoke else dict(preset.vae, use_spatial_tiling=True)
-    t_lat, h_lat, w_lat, height, width = latent_size(preset, args.resolution, args.aspect_ratio, args.frames)
+    opts = resolve_options(GenerationOptions(prompt="check", resolution=args.resolution,
+                                             aspect_ratio=args.aspect_ratio, num_frames=args.frames), preset)
+    t_lat, h_lat, w_lat = latent_size(preset, opts)
     txt_len = 512
     if args.smoke:  # the smoke run shrinks everything
         t_lat, h_lat, w_lat, txt_len = 3, 8, 8, 8
@@ -125,7 +123,7 @@ def main(argv=None) -> dict:
     model, vae = random_init(model, device, dtype), random_init(vae, device, dtype)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "mmdit_params": sum(p.numel() for p in model.parameters()),
-            "size": "smoke" if args.smoke else f"{height}x{width}x{args.frames}", "latent": [t_lat, h_lat, w_lat],
+            "size": "smoke" if args.smoke else f"{opts.height}x{opts.width}x{opts.num_frames}", "latent": [t_lat, h_lat, w_lat],
             "tokens": t_lat * (h_lat // 2) * (w_lat // 2), "date": time.strftime("%Y-%m-%d"), "results": []}
     time_sampler(model, modes[0], t_lat, h_lat, w_lat, txt_len, 1, True, device, dtype)  # warm-up
     for mode in modes:
@@ -136,8 +134,7 @@ def main(argv=None) -> dict:
             row = time_sampler(model, mode, t_lat, h_lat, w_lat, txt_len, steps, skip, device, dtype)
             if device.type == "cuda":
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                row["estimated_gb"] = estimated_sampling_gb(preset, args.resolution, args.aspect_ratio, args.frames,
-                                                            3 if mode == "i2v" or not skip else 2)
+                row["estimated_gb"] = estimated_sampling_gb(preset, opts, 3 if mode == "i2v" or not skip else 2)
             info["results"].append(row)
             print(json.dumps(row), flush=True)
     if not args.no_vae:
