@@ -1,7 +1,7 @@
 """Open-Sora Studio entry point.
 
     python app.py [--preset shapes-default] [--share] [--host 0.0.0.0] [--port 7860] [--device cuda:0,cuda:1]
-                  [--offload] [--output-dir outputs] [--weights-dir DIR] [--root-path /studio] [--mcp]
+                  [--offload] [--compile] [--output-dir outputs] [--weights-dir DIR] [--root-path /studio] [--mcp]
     gradio app.py -- --share          (reload mode: gradio's CLI passes arguments after `--` to this script)
 
 On Hugging Face Spaces the same file runs as is; `spaces.GPU` wraps the generation handlers when the `spaces`
@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="'auto' (every CUDA GPU, else CPU), 'cpu', 'cuda', or a list like cuda:0,cuda:1")
     parser.add_argument("--offload", action="store_true", help="keep models on the CPU and move each to the GPU "
                                                                "only for its stage (less GPU memory, slower)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the MMDiT: faster sampling on a GPU "
+                                                               "(1.37x for the 11B on an H200); the first run at "
+                                                               "each size compiles first")
     parser.add_argument("--output-dir", default=os.environ.get("STUDIO_OUTPUT_DIR", "outputs"),
                         help="where videos and their JSON recipes are saved (one pair per job)")
     parser.add_argument("--weights-dir", default=None, help="local folder with the official Open-Sora 2.0 weights")
@@ -69,7 +72,8 @@ def create_pool(args: argparse.Namespace, settings: StudioSettings) -> EnginePoo
     from pipelines.presets import get_preset
 
     preset = get_preset(args.preset, weights_dir=args.weights_dir)
-    engines = [Engine(preset, device=device, offload=args.offload, output_dir=settings.output_dir, llm=settings.llm)
+    engines = [Engine(preset, device=device, offload=args.offload, compile=args.compile,
+                      output_dir=settings.output_dir, llm=settings.llm)
                for device in pick_devices(args.device)]
     for engine in engines:
         log.info("loading %s on %s", preset.name, engine.device)

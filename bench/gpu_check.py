@@ -4,7 +4,8 @@
     python bench/gpu_check.py --resolution 768px --steps 1 --modes t2v --samplers skipping --no-vae
     python bench/gpu_check.py --smoke    # tiny config on the CPU (the test suite runs this so it cannot rot)
 
-Reports s/step for t2v and i2v with the skipping sampler and with the plain three-branch loop, the projected 50-step
+Reports s/step for t2v and i2v with the skipping sampler and with the plain three-branch loop (and, with
+--compile, the same cases again with a torch.compile'd MMDiT), the projected 50-step
 time, peak memory beside `pipelines.memory_estimate`'s estimate for the same batch (calibrate it here), and the VAE
 decode of one 256px 129-frame latent; compare with Open-Sora's published 60 s / 52.5 GB for 256x256 on one H100
 (README, with offload and tensor parallelism).
@@ -100,6 +101,7 @@ def main(argv=None) -> dict:
     p.add_argument("--modes", default="t2v,i2v", help="comma-separated: t2v, i2v")
     p.add_argument("--samplers", default="skipping,three-branch", help="comma-separated: skipping, three-branch")
     p.add_argument("--no-vae", action="store_true", help="skip the VAE decode timing")
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile'd MMDiT, after the eager one")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     modes, samplers = args.modes.split(","), args.samplers.split(",")
@@ -125,18 +127,24 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "mmdit_params": sum(p.numel() for p in model.parameters()),
             "size": "smoke" if args.smoke else f"{opts.height}x{opts.width}x{opts.num_frames}", "latent": [t_lat, h_lat, w_lat],
             "tokens": t_lat * (h_lat // 2) * (w_lat // 2), "date": time.strftime("%Y-%m-%d"), "results": []}
-    time_sampler(model, modes[0], t_lat, h_lat, w_lat, txt_len, 1, True, device, dtype)  # warm-up
-    for mode in modes:
+    variants = [("eager", model)] + ([("compiled", torch.compile(model, dynamic=False))] if args.compile else [])
+    for variant, net in variants:
+        # Warm-up: a few steps per sampler, so that every batch size (1-3 branches) is seen, and compiled, before
+        # anything is timed.
         for sampler in samplers:
-            skip = sampler == "skipping"
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            row = time_sampler(model, mode, t_lat, h_lat, w_lat, txt_len, steps, skip, device, dtype)
-            if device.type == "cuda":
-                row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                row["estimated_gb"] = estimated_sampling_gb(preset, opts, 3 if mode == "i2v" or not skip else 2)
-            info["results"].append(row)
-            print(json.dumps(row), flush=True)
+            time_sampler(net, modes[0], t_lat, h_lat, w_lat, txt_len, 3, sampler == "skipping", device, dtype)
+        for mode in modes:
+            for sampler in samplers:
+                skip = sampler == "skipping"
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                row = time_sampler(net, mode, t_lat, h_lat, w_lat, txt_len, steps, skip, device, dtype)
+                row["variant"] = variant
+                if device.type == "cuda":
+                    row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                    row["estimated_gb"] = estimated_sampling_gb(preset, opts, 3 if mode == "i2v" or not skip else 2)
+                info["results"].append(row)
+                print(json.dumps(row), flush=True)
     if not args.no_vae:
         z = torch.randn(1, vae.config.latent_channels, t_lat, h_lat, w_lat, device=device, dtype=dtype)
         sync(device)

@@ -110,10 +110,14 @@ class RunState:
 
 class Engine:
     def __init__(self, preset: ModelPreset | str | None = None, *, device: str | None = None, offload: bool = False,
-                 output_dir: str | Path = "outputs", llm: LLMConfig | None = None, preview_every: int = 2):
+                 output_dir: str | Path = "outputs", llm: LLMConfig | None = None, preview_every: int = 2,
+                 compile: bool = False):
         self.preset = get_preset(preset or DEFAULT_PRESET) if not isinstance(preset, ModelPreset) else preset
         self.device = pick_device(device)
         self.offload = offload and self.device.type == "cuda"
+        # torch.compile the MMDiT: 1.37x faster sampling for the 11B on an H200 (bench/gpu_check.py --compile); the
+        # first run at each size and branch count compiles first (static shapes: no slower dynamic kernels).
+        self.compile = compile
         self.output_dir = Path(output_dir)
         self.llm = llm or LLMConfig.from_env()
         self.preview_every = preview_every
@@ -128,6 +132,8 @@ class Engine:
         if self._components is None:
             home = torch.device("cpu") if self.offload else self.device
             self._components = load_components(self.preset, home, pick_dtype(self.device, self.preset.official))
+            if self.compile:
+                self._components.mmdit.compile(dynamic=False)  # in place: the module, its config and weights stay
         return self._components
 
     def load(self) -> "Engine":

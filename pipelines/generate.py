@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-as-path", action="store_true", help="put the prompt in the file name")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--offload", action="store_true", help="keep models on the CPU between stages (small GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT (faster on a GPU after the "
+                                                          "first clip of each size)")
     return p
 
 
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = read_rows(args)
         engine = Engine(get_preset(args.preset, args.weights_dir), device=args.device, offload=args.offload,
-                        output_dir=args.out)
+                        compile=args.compile, output_dir=args.out)
         requests = [row_options(row, args) for row in rows]
         for options in requests:
             engine.check(options)  # every row is checked before the first one runs
