@@ -49,15 +49,21 @@ def test_unknown_config_field_is_refused():
         build_mmdit(**dict(RELEASED_MMDIT, hiden_size=3))
 
 
-def test_mmdit_reproduces_upstream_forward():
+def golden_mmdit(**overrides):
+    """(model with the golden weights loaded strictly, its inputs, upstream's output) of the golden MMDiT case."""
     golden = load_file(GOLDEN_DIR / "mmdit_A.safetensors")
     config = json.loads((GOLDEN_DIR / "mmdit_A.json").read_text())["config"]
-    model = build_mmdit(**config).eval()
+    model = build_mmdit(**{**config, **overrides}).eval()
     model.load_state_dict({k[len("model."):]: v for k, v in golden.items() if k.startswith("model.")}, strict=True)
     inputs = {k[len("input."):]: v for k, v in golden.items() if k.startswith("input.")}
+    return model, inputs, golden["output"]
+
+
+def test_mmdit_reproduces_upstream_forward():
+    model, inputs, expected = golden_mmdit()
     with torch.no_grad():
         out = model(**inputs)
-    torch.testing.assert_close(out, golden["output"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -81,26 +87,19 @@ def no_tf32():
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
 def test_mmdit_reproduces_upstream_forward_on_cuda(dtype, tolerance, no_tf32):
     """The GPU path (SDPA kernels, bf16 inference) against the same golden forward."""
-    golden = load_file(GOLDEN_DIR / "mmdit_A.safetensors")
-    config = json.loads((GOLDEN_DIR / "mmdit_A.json").read_text())["config"]
-    model = build_mmdit(**config).eval()
-    model.load_state_dict({k[len("model."):]: v for k, v in golden.items() if k.startswith("model.")}, strict=True)
+    model, inputs, expected = golden_mmdit()
     model = model.to("cuda", dtype)
-    inputs = {k[len("input."):]: v.to("cuda", dtype) for k, v in golden.items() if k.startswith("input.")}
     with torch.no_grad():
-        out = model(**inputs)
-    assert out.dtype == dtype and _relative_error(out, golden["output"]) < tolerance
+        out = model(**{k: v.to("cuda", dtype) for k, v in inputs.items()})
+    assert out.dtype == dtype and _relative_error(out, expected) < tolerance
 
 
 def test_rope_convention_matters_for_released_weights():
     """Flux's interleaved RoPE must give a different model: the golden file can tell the two apart."""
-    golden = load_file(GOLDEN_DIR / "mmdit_A.safetensors")
-    config = json.loads((GOLDEN_DIR / "mmdit_A.json").read_text())["config"]
-    model = build_mmdit(**dict(config, use_liger_rope=False)).eval()
-    model.load_state_dict({k[len("model."):]: v for k, v in golden.items() if k.startswith("model.")})
+    model, inputs, expected = golden_mmdit(use_liger_rope=False)
     with torch.no_grad():
-        out = model(**{k[len("input."):]: v for k, v in golden.items() if k.startswith("input.")})
-    assert (out - golden["output"]).abs().max() > 1e-3
+        out = model(**inputs)
+    assert (out - expected).abs().max() > 1e-3
 
 
 @pytest.fixture(scope="module")
