@@ -526,6 +526,50 @@ def test_dit_stage_warm_starts_across_patch_sizes_and_refuses_finer_to_coarser(t
         repatch_mmdit_state(_mmdit(2, 3).state_dict(), 2, 4)
 
 
+def _mmdit_inputs(model, seed: int = 0):
+    cfg, g = model.config, torch.Generator().manual_seed(seed)
+    L, T = 8, 5
+    return dict(img=torch.randn(2, L, cfg.in_channels, generator=g), img_ids=torch.randint(0, 4, (2, L, 3), generator=g).float(),
+                txt=torch.randn(2, T, cfg.context_in_dim, generator=g), txt_ids=torch.zeros(2, T, 3),
+                timesteps=torch.rand(2, generator=g), y_vec=torch.randn(2, cfg.vec_in_dim, generator=g),
+                cond=torch.randn(2, L, cfg.in_channels + cfg.patch_size ** 2, generator=g))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_widened_mmdit_computes_the_same_function_with_copies_free_to_diverge(fused):
+    from pipelines.models.mmdit import MMDiT, MMDiTConfig
+    from pipelines.training.warm_start import widen_mmdit_state
+
+    torch.manual_seed(0)
+    base = dict(load_train_config("tiny-dit").model, fused_qkv=fused)
+    narrow = MMDiT(MMDiTConfig.from_dict(base)).eval()  # default (non-zero) init: every gate and shift matters
+    wide = MMDiT(MMDiTConfig.from_dict(dict(base, hidden_size=64, num_heads=4))).eval()
+    state = widen_mmdit_state(narrow.state_dict(), 2)
+    wide.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        expected, got = narrow(**_mmdit_inputs(narrow)), wide(**_mmdit_inputs(wide))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # The reading halves of a layer differ (zero-sum noise), so training can pull the copies apart.
+    w = state["single_blocks.0.linear2.weight"]  # reads [attention, attention copy, MLP, MLP copy]
+    assert not torch.equal(w[:, :32], w[:, 32:64])
+    torch.testing.assert_close(w[:, :32] + w[:, 32:64], narrow.state_dict()["single_blocks.0.linear2.weight"][:, :32]
+                               .repeat(2, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_dit_stage_warm_starts_a_wider_model_and_refuses_a_partial_factor(tmp_path):
+    from pipelines.training.train import DiTStage
+
+    safetensors.torch.save_file(_mmdit(2, 4).state_dict(), tmp_path / "narrow.safetensors")
+    weights = f"mmdit_weights={tmp_path / 'narrow.safetensors'}"
+    wide = DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}", "model.hidden_size=96", "model.num_heads=6",
+                                                   weights])).build_model()
+    assert wide.state_dict()["img_in.weight"].shape[0] == 96
+    torch.testing.assert_close(wide.state_dict()["img_in.weight"][64:], _mmdit(2, 4).state_dict()["img_in.weight"])
+    with pytest.raises(ValueError, match="whole factor"):
+        DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}", "model.hidden_size=48", "model.num_heads=3",
+                                                weights])).build_model()
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

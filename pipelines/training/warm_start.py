@@ -1,4 +1,4 @@
-"""Warm-starting an MMDiT from weights trained with a coarser patch size.
+"""Warm-starting an MMDiT from weights trained with a coarser patch size or a narrower width.
 
 Only three layers depend on the patch size: the image embedder `img_in` (C·p² -> D), the condition embedder
 `cond_in` ((1 + C)·p² -> D) and the output projection `final_layer.linear` (D -> C·p²); every block works on
@@ -12,6 +12,13 @@ they are and the three layers are folded so that the new model starts where the 
 
 The RoPE grid is in patch units, so the model still has to learn the finer token spacing: this is a start, not
 an equivalent model.
+
+Widening (hidden size D -> k·D, head size kept, so k times the heads) *is* exact: every D-wide activation is
+carried as k copies of itself. Layer norms over a repeated vector see the same mean and variance, so a layer that
+writes D-wide features repeats its rows k times, and a layer that reads them splits each weight over the k copies
+(1/k each). The new heads are copies of the old ones. So that the copies can grow apart, each split gets a small
+noise that sums to zero over the copies: the function is unchanged, but the next layers' copies differ, and so do
+their gradients.
 """
 
 from __future__ import annotations
@@ -59,11 +66,80 @@ def _patch_of(state: dict[str, torch.Tensor], latent_channels: int) -> int:
     return patch
 
 
+# (rows, columns) of each layer in units of the hidden size D ("d"), the MLP width M ("m") or a fixed size ("-"),
+# keyed by the layer's name without its block prefix. Norm scales (per head) and anything absent stay as they are.
+_WIDTH_LAYOUT = {
+    "img_in": ("d", "-"), "cond_in": ("d", "-"), "txt_in": ("d", "-"),
+    "in_layer": ("d", "-"), "out_layer": ("d", "d"),
+    "img_mod.lin": ("dddddd", "d"), "txt_mod.lin": ("dddddd", "d"), "modulation.lin": ("ddd", "d"),
+    "q_proj": ("d", "d"), "k_proj": ("d", "d"), "v_proj": ("d", "d"), "qkv": ("ddd", "d"), "proj": ("d", "d"),
+    "mlp.0": ("m", "d"), "mlp.2": ("d", "m"),
+    "v_mlp": ("dm", "d"), "linear1": ("dddm", "d"), "linear2": ("d", "dm"),
+    "adaLN_modulation.1": ("dd", "d"), "final_layer.linear": ("-", "d"),
+}
+
+
+def _layout(key: str) -> tuple[str, str] | None:
+    name = key.rsplit(".", 1)[0]
+    for suffix in sorted(_WIDTH_LAYOUT, key=len, reverse=True):
+        if name == suffix or name.endswith("." + suffix) or name.endswith("_" + suffix):
+            return _WIDTH_LAYOUT[suffix]
+    return None
+
+
+def _widen_axis(t: torch.Tensor, axis: int, units: str, sizes: dict[str, int], k: int, split: bool,
+                generator: torch.Generator, noise: float) -> torch.Tensor:
+    """Repeat each D/M segment of `axis` k times; on a read axis (`split`) divide by k and add zero-sum noise."""
+    if units == "-":
+        return t
+    pieces = torch.split(t, [sizes[u] for u in units], dim=axis)
+    out = []
+    for piece in pieces:
+        copies = torch.stack([piece] * k)  # (k, ...)
+        if split:
+            jitter = torch.randn(copies.shape, generator=generator) * noise * float(piece.std())
+            copies = copies / k + (jitter - jitter.mean(dim=0, keepdim=True)).to(copies)
+        out.append(torch.cat(list(copies), dim=axis))
+    return torch.cat(out, dim=axis)
+
+
+def widen_mmdit_state(state: dict[str, torch.Tensor], factor: int, noise: float = 1e-3,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """A copy of an MMDiT state dict `factor` times as wide (hidden size and heads), computing the same function."""
+    if factor == 1:
+        return dict(state)
+    if factor < 1:
+        raise ValueError(f"can only widen an MMDiT by a whole factor >= 1, got {factor}")
+    hidden = state["img_in.weight"].shape[0]
+    mlp = state["double_blocks.0.img_mlp.0.weight"].shape[0] if "double_blocks.0.img_mlp.0.weight" in state else 0
+    sizes = {"d": hidden, "m": mlp}
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, tensor in state.items():
+        layout = _layout(key)
+        if layout is None or key.endswith(".scale"):
+            out[key] = tensor.clone()
+            continue
+        rows, cols = layout
+        t = _widen_axis(tensor, 0, rows, sizes, factor, False, generator, noise)
+        if tensor.ndim == 2:
+            t = _widen_axis(t, 1, cols, sizes, factor, True, generator, noise)
+        out[key] = t.contiguous()
+    return out
+
+
 def load_warm_start(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load `state` into `model` strictly, folding patch-dependent layers first when the patch sizes differ."""
+    """Load `state` into `model` strictly: patch-dependent layers folded when the patch sizes differ, then every
+    layer widened when the model is a whole multiple of the weights' hidden size."""
     cfg = model.config
     old = _patch_of(state, cfg.latent_channels)
     if old != cfg.patch_size:
         logger.info("warm start: folding patch-%d weights to patch %d", old, cfg.patch_size)
         state = repatch_mmdit_state(state, old, cfg.patch_size)
+    width = state["img_in.weight"].shape[0]
+    if width != cfg.hidden_size:
+        if cfg.hidden_size % width:
+            raise ValueError(f"can only widen an MMDiT by a whole factor: hidden size {width} -> {cfg.hidden_size}")
+        logger.info("warm start: widening hidden size %d to %d", width, cfg.hidden_size)
+        state = widen_mmdit_state(state, cfg.hidden_size // width)
     model.load_state_dict(state, strict=True)
