@@ -293,3 +293,26 @@ def test_compiled_engine_makes_the_same_clip(tmp_path):
         assert mmdit.config.patch_size == 2  # still the MMDiT module, config and all
         assert (getattr(mmdit, "_compiled_call_impl", None) is not None) == compiled  # nn.Module.compile's hook
     assert (clips[0] - clips[1]).abs().max() <= 2  # uint8 levels: compiled kernels may round differently
+
+
+def test_compiling_engine_says_so_once_per_size(tmp_path, monkeypatch):
+    """With --compile the first sampling at each size compiles first: the status line says so, then not again."""
+    from pipelines.models.mmdit import MMDiT
+
+    monkeypatch.setattr(MMDiT, "compile", lambda self, **kwargs: None)  # the message, not the compiler, is tested
+    engine = Engine(tiny_preset(num_steps=1), output_dir=tmp_path, compile=True).load()
+
+    def sample_messages(frames: int) -> list[str]:
+        messages = []
+        engine.generate_frames(GenerationOptions(prompt="a red circle", seed=1, num_frames=frames),
+                               on_event=lambda e: messages.append(e.message)
+                               if isinstance(e, StageEvent) and e.stage == "sample" else None)
+        return messages
+
+    first, again, longer = sample_messages(5), sample_messages(5), sample_messages(9)
+    assert "compiling" in first[0] and "compiling" not in again[0] and "compiling" in longer[0]
+    eager = Engine(tiny_preset(num_steps=1), output_dir=tmp_path).load()
+    messages = []
+    eager.generate_frames(GenerationOptions(prompt="a red circle", seed=1, num_frames=5),
+                          on_event=lambda e: messages.append(e.message) if isinstance(e, StageEvent) else None)
+    assert not any("compiling" in m for m in messages)

@@ -441,6 +441,25 @@ def test_train_default_runs_every_stage_and_writes_a_preset_the_engine_generates
     assert tuple(made.video.shape) == (3, 9, 64, 64)
 
 
+def test_preset_with_a_float16_mmdit_file_loads_as_float32_weights(tmp_path):
+    from pipelines.components import load_components
+    from pipelines.models.mmdit import MMDiT, MMDiTConfig
+    from pipelines.presets import load_embedded_preset
+    from pipelines.training.train_config import TINY_MMDIT
+    from pipelines.training.train_default import write_preset
+
+    torch.manual_seed(0)
+    mmdit, vae = MMDiT(MMDiTConfig.from_dict(TINY_MMDIT)), CausalVAE(CausalVAEConfig.from_dict(TINY_VAE))
+    write_preset(tmp_path / "p", mmdit, vae, trained=True, notes="", training={}, mmdit_dtype=torch.float16)
+    stored = safetensors.torch.load_file(tmp_path / "p" / "mmdit.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert {t.dtype for t in safetensors.torch.load_file(tmp_path / "p" / "vae.safetensors").values()} == {torch.float32}
+    loaded = load_components(load_embedded_preset(tmp_path / "p"), torch.device("cpu")).mmdit
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, mmdit.state_dict()[key].half().float(), rtol=0, atol=0)
+
+
 def test_edge_loss_tells_a_blurred_outline_from_a_sharp_one():
     from pipelines.training.losses import edge_loss
 

@@ -7,7 +7,8 @@
 2. measures its latent statistics and stores scale_factor / shift_factor so latents have ~unit variance;
 3. trains the MMDiT (`shapes-dit` preset: t2v, i2v head/tail/loop, v2v head/tail) on the frozen VAE + MiniLM;
 4. fine-tunes the VAE's decoder alone (`shapes-decoder`: the latent space, so the MMDiT, stays valid);
-5. writes config.json, mmdit.safetensors (EMA weights) and vae.safetensors, fp32, atomically.
+5. writes config.json, mmdit.safetensors (EMA weights) and vae.safetensors, fp32 (`--mmdit-dtype float16` halves
+   the MMDiT file; loading casts it back to the run's dtype), atomically.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def colour_fidelity(vae: CausalVAE, num_frames: int = 9, seed: int = 1234) -> di
 
 
 def write_preset(folder: Path, mmdit: MMDiT, vae: CausalVAE, trained: bool, notes: str, training: dict | None,
-                 sampling: dict | None = None) -> None:
-    """Write config.json + both weight files into a temp folder, then swap it in place of `folder`."""
+                 sampling: dict | None = None, mmdit_dtype: torch.dtype = torch.float32) -> None:
+    """Write config.json + both weight files into a temp folder, then swap it in place of `folder`. The MMDiT file
+    may be stored in float16 (`mmdit_dtype`) to halve it; the VAE always stays fp32."""
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,9 +113,12 @@ def write_preset(folder: Path, mmdit: MMDiT, vae: CausalVAE, trained: bool, note
     config = {"name": DEFAULT_PRESET, "description": DESCRIPTION, "trained": trained, "text_encoder": "minilm",
               "mmdit": mmdit.config.to_dict(), "vae": vae.config.to_dict(), "sampling": sampling or dict(SAMPLING),
               "notes": notes, "training": training or {}}
-    to_save = lambda m: {k: v.detach().float().contiguous().cpu() for k, v in m.state_dict().items()}  # noqa: E731
-    safetensors.torch.save_file(to_save(mmdit), tmp / "mmdit.safetensors")
-    safetensors.torch.save_file(to_save(vae), tmp / "vae.safetensors")
+    def to_save(model, dtype):
+        return {k: v.detach().to(dtype=dtype if v.is_floating_point() else None).contiguous().cpu()
+                for k, v in model.state_dict().items()}
+
+    safetensors.torch.save_file(to_save(mmdit, mmdit_dtype), tmp / "mmdit.safetensors")
+    safetensors.torch.save_file(to_save(vae, torch.float32), tmp / "vae.safetensors")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     for path in tmp.iterdir():
         path.chmod(0o644)  # safetensors writes owner-only files; the preset is shared
@@ -229,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-set", nargs="*", default=[], help="dotted overrides for the VAE stage")
     parser.add_argument("--dit-set", nargs="*", default=[], help="dotted overrides for the DiT stage")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--mmdit-dtype", choices=["float32", "float16"], default="float32",
+                        help="storage dtype of mmdit.safetensors (float16 halves it; loading casts back)")
     args = parser.parse_args(argv)
     # A zero budget would mean "no time limit" to the trainer (the preset's full step count): refuse it here.
     if not args.init_only and not args.reuse_vae and args.minutes_vae <= 0:
@@ -264,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     steps = ", ".join(f"{k} {s['steps']} steps" for k, s in stages.items())
     notes = f"Trained on CPU (2 cores) in {training['wall_time_s'] / 60:.0f} min: {steps}; MMDiT EMA weights."
-    write_preset(args.out, mmdit, vae, trained=True, notes=notes, training=training)
+    write_preset(args.out, mmdit, vae, trained=True, notes=notes, training=training,
+                 mmdit_dtype=getattr(torch, args.mmdit_dtype))
     logger.info("training record: %s", training)
 
 
