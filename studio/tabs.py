@@ -102,5 +102,5 @@ def build_extend(prompt, examples: dict) -> Tab:
                     "that, and each segment adds that many frames less the context. The result is the original "
                     "clip plus the new frames.")
         button = gr.Button("Generate", variant="primary", elem_id="generate-extend")
-        _examples(examples.get("extend", []), ["prompt", "video"], [prompt, video], "Examples")
+        _examples(examples.get("extend", []), ["prompt", "video", "segments"], [prompt, video, segments], "Examples")
     return Tab("extend", tab, [video, direction, easy, segments], button, uploads=[video])

@@ -335,3 +335,22 @@ def test_video_to_gif_refuses_what_it_cannot_export_clearly(tmp_path, monkeypatc
 
     with Image.open(export.video_to_gif(wide)) as image:
         assert image.size == (16, 8)
+
+
+def test_shipped_examples_point_at_real_files_and_valid_segment_prompts():
+    from pathlib import Path
+
+    from pipelines.text import segment_prompts
+    from studio.tabs import load_examples
+
+    examples = load_examples(Path(__file__).resolve().parents[1] / "assets" / "examples")
+    assert set(examples) == {"t2v", "i2v", "loop", "extend"}
+    for rows in examples.values():
+        for row in rows:
+            assert row["prompt"].strip()
+            assert all(Path(row[key]).is_file() for key in ("image", "last_image", "video") if row.get(key))
+    per_segment = [row for row in examples["extend"] if row["segments"] > 1]
+    assert per_segment, "an Extend example shows per-segment prompts"
+    for row in per_segment:
+        prompts = segment_prompts(row["prompt"], row["segments"])
+        assert len(set(prompts)) == row["segments"]  # each segment has its own prompt

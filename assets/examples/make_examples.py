@@ -54,7 +54,12 @@ def make_examples() -> dict:
     spec = sample_spec(rng, num_frames=CLIP_FRAMES, shape="circle", color="blue", background="black",
                        direction="right", motion_score=2)
     write_video(render_clip(spec, CLIP_FRAMES, SIZE), HERE / "clip_65.mp4", FPS)
-    extend = [{"prompt": caption_for(spec, rng), "video": "clip_65.mp4"}]
+    caption = caption_for(spec, rng)
+    # The same clip extended twice, the second segment with its own prompt (|k| starts segment k, from 0).
+    still = caption_for(sample_spec(rng, num_frames=CLIP_FRAMES, shape="circle", color="blue", background="black",
+                                    direction="still", motion_score=1), rng)
+    extend = [{"prompt": caption, "video": "clip_65.mp4", "segments": 1},
+              {"prompt": f"|0|{caption}|1|{still}", "video": "clip_65.mp4", "segments": 2}]
     manifest = {"t2v": [{"prompt": p} for p in t2v], "i2v": i2v, "loop": loop, "extend": extend}
     (HERE / "examples.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
