@@ -554,13 +554,13 @@ def _mmdit_inputs(model, seed: int = 0):
                 cond=torch.randn(2, L, cfg.in_channels + cfg.patch_size ** 2, generator=g))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_widened_mmdit_computes_the_same_function_with_copies_free_to_diverge(fused):
+@pytest.mark.parametrize("fused,depth", [(False, 1), (True, 1), (False, 0)])  # depth 0: single blocks only
+def test_widened_mmdit_computes_the_same_function_with_copies_free_to_diverge(fused, depth):
     from pipelines.models.mmdit import MMDiT, MMDiTConfig
     from pipelines.training.warm_start import widen_mmdit_state
 
     torch.manual_seed(0)
-    base = dict(load_train_config("tiny-dit").model, fused_qkv=fused)
+    base = dict(load_train_config("tiny-dit").model, fused_qkv=fused, depth=depth)
     narrow = MMDiT(MMDiTConfig.from_dict(base)).eval()  # default (non-zero) init: every gate and shift matters
     wide = MMDiT(MMDiTConfig.from_dict(dict(base, hidden_size=64, num_heads=4))).eval()
     state = widen_mmdit_state(narrow.state_dict(), 2)

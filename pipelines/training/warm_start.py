@@ -103,6 +103,16 @@ def _widen_axis(t: torch.Tensor, axis: int, units: str, sizes: dict[str, int], k
     return torch.cat(out, dim=axis)
 
 
+def _mlp_width(state: dict[str, torch.Tensor], hidden: int) -> int:
+    """The MLP width, read from a double block's MLP or a single block's output layer (models may lack either)."""
+    for key, tensor in state.items():
+        if key.endswith("_mlp.0.weight"):
+            return tensor.shape[0]
+        if key.endswith("linear2.weight"):
+            return tensor.shape[1] - hidden
+    return 0
+
+
 def widen_mmdit_state(state: dict[str, torch.Tensor], factor: int, noise: float = 1e-3,
                       seed: int = 0) -> dict[str, torch.Tensor]:
     """A copy of an MMDiT state dict `factor` times as wide (hidden size and heads), computing the same function."""
@@ -111,8 +121,7 @@ def widen_mmdit_state(state: dict[str, torch.Tensor], factor: int, noise: float 
     if factor < 1:
         raise ValueError(f"can only widen an MMDiT by a whole factor >= 1, got {factor}")
     hidden = state["img_in.weight"].shape[0]
-    mlp = state["double_blocks.0.img_mlp.0.weight"].shape[0] if "double_blocks.0.img_mlp.0.weight" in state else 0
-    sizes = {"d": hidden, "m": mlp}
+    sizes = {"d": hidden, "m": _mlp_width(state, hidden)}
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key, tensor in state.items():
