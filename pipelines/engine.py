@@ -24,11 +24,11 @@ from pipelines.memory_estimate import MemoryEstimate, estimate_memory
 from pipelines.options import MAX_SEED, GenerationOptions, ResolvedOptions, resolve_options, with_seed
 from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
-from pipelines.sampling import DenoiseCounter, GenerationStopped, GuidanceOptions, StepInfo
+from pipelines.sampling import DenoiseCounter, GenerationStopped, StepInfo
 from pipelines.saving import SavedResult, save_result
 from pipelines.stages import (ReferencePixels, clip_references, decode_video, encode_references, encode_text,
-                              fit_preview_projection, latent_shape, load_reference_pixels, preview_strip, sample,
-                              stitch_extension, video_strip)
+                              fit_preview_projection, guidance_options, latent_shape, load_reference_pixels,
+                              preview_strip, sample, stitch_extension, video_strip)
 from pipelines.text import build_prompt
 
 log = logging.getLogger(__name__)
@@ -308,10 +308,7 @@ class Engine:
         compiling = self.compile and shape_key not in self._compiled_for
         self._stage("sample", f"{label}Sampling 0/{opts.num_steps}" +
                     (" (compiling the MMDiT for this size first: slower once)" if compiling else ""), emit, stop)
-        guidance = GuidanceOptions(num_steps=opts.num_steps, guidance=opts.guidance, guidance_img=opts.guidance_img,
-                                   text_osci=opts.text_osci, image_osci=opts.image_osci,
-                                   scale_temporal_osci=opts.scale_temporal_osci, shift=opts.shift,
-                                   flow_shift=opts.flow_shift)
+        guidance = guidance_options(opts)
         seed = (opts.seed + segment) % (MAX_SEED + 1)  # each segment draws its own noise, reproducibly
         with torch.inference_mode():
             z = sample(c.mmdit, text, negative, refs, opts.cond_type, latent, seed, guidance,

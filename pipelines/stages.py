@@ -83,10 +83,22 @@ def latent_shape(vae, num_frames: int, height: int, width: int) -> tuple[int, in
     return cfg.latent_channels, vae.latent_frames(num_frames), height // s, width // s
 
 
+def guidance_options(opts) -> GuidanceOptions:
+    """The sampler's settings from resolved generation options."""
+    return GuidanceOptions(num_steps=opts.num_steps, guidance=opts.guidance, guidance_img=opts.guidance_img,
+                           text_osci=opts.text_osci, image_osci=opts.image_osci,
+                           scale_temporal_osci=opts.scale_temporal_osci, shift=opts.shift, flow_shift=opts.flow_shift)
+
+
 def sample(mmdit, text: TextEmbeds, negative: TextEmbeds, refs: ReferenceLatents, cond_type: str,
            latent: tuple[int, int, int, int], seed: int, opts: GuidanceOptions, *, callback=None,
-           should_stop=None, counter: DenoiseCounter | None = None, skip_known: bool = True) -> Tensor:
-    """Noise -> clean latent (1, C, T, h, w), with the given frames put back exactly."""
+           should_stop=None, counter: DenoiseCounter | None = None, skip_known: bool = True,
+           start: Tensor | None = None, start_t: float = 1.0) -> Tensor:
+    """Noise -> clean latent (1, C, T, h, w), with the given frames put back exactly.
+
+    With `start` (a clean latent of the same shape) and `start_t` < 1, sampling begins from `start` noised to level
+    `start_t` ((1 - t)·start + t·noise) and runs the schedule's steps below it: how much of a real clip the model
+    keeps, and from which noise level on it loses what (the evaluation's `--from-noise`)."""
     c, t_lat, h_lat, w_lat = latent
     device, dtype = text.txt.device, text.txt.dtype
     patch = mmdit.config.patch_size
@@ -95,6 +107,11 @@ def sample(mmdit, text: TextEmbeds, negative: TextEmbeds, refs: ReferenceLatents
     cond = pack(torch.cat([masks, masked], dim=1), patch) if mmdit.config.cond_embed else None
     timesteps = get_schedule(opts.num_steps, (h_lat // patch) * (w_lat // patch), t_lat,
                              shift_alpha=opts.flow_shift, shift=opts.shift)
+    if start is not None and start_t < 1.0:
+        if not 0.0 < start_t or tuple(start.shape) != tuple(z.shape):
+            raise ValueError(f"start must be a latent of shape {tuple(z.shape)} and 0 < start_t <= 1")
+        z = (1 - start_t) * start.to(z) + start_t * z
+        timesteps = [start_t] + [t for t in timesteps if t < start_t]
     x = denoise(mmdit, pack(z, patch), prepare_img_ids(1, t_lat, h_lat, w_lat, patch, device).to(dtype), text,
                 negative, cond, timesteps, opts, t_lat, temporal_image_guidance=cond_type.startswith("i2v"),
                 skip_known=skip_known, callback=callback, should_stop=should_stop, counter=counter)

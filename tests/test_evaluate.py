@@ -140,8 +140,44 @@ def test_cli_evaluates_a_preset_folder_written_by_training(tmp_path):
     write_preset(folder, MMDiT(MMDiTConfig.from_dict(TINY_MMDIT)), CausalVAE(CausalVAEConfig.from_dict(TINY_VAE)),
                  trained=True, notes="test", training={}, sampling={**SAMPLING, "num_steps": 2})
     report = evaluate.main(["--preset", str(folder), "--t2v", "1", "--i2v", "0", "--loop", "0", "--extend", "0",
-                            "--ceiling", "2", "--image-first", "--frames", "9", "--json", str(tmp_path / "eval.json")])
+                            "--ceiling", "2", "--image-first", "--frames", "9", "--from-noise", "1,0.5",
+                            "--json", str(tmp_path / "eval.json")])
     assert report["preset"] == "shapes-default" and report["clips"] == 1
     assert json.loads((tmp_path / "eval.json").read_text())["t2v"]["clips"] == 1
     assert report["vae_ceiling"]["clips"] == 2 and report["clips"] == 1  # the ceiling judges no generated clip
     assert report["t2v"]["image_first"] is True
+    assert set(report["from_noise"]) == {"1", "0.5"} and report["from_noise"]["0.5"]["clips"] == 1
+    with pytest.raises(SystemExit):
+        evaluate.main(["--preset", str(folder), "--from-noise", "0"])  # a level must lie in (0, 1]
+
+
+def test_sampling_from_a_noised_real_latent_starts_there(engine):
+    """start/start_t: from a barely noised latent the sample stays next to it; start_t=1 is plain sampling."""
+    import torch
+
+    from pipelines.conditions import ReferenceLatents
+    from pipelines.options import GenerationOptions
+    from pipelines.stages import encode_text, guidance_options, latent_shape, sample
+
+    c = engine.components
+    opts = engine.check(GenerationOptions(prompt="a red circle", num_frames=9, seed=3))
+    text, negative = encode_text(c.text_encoder, opts.prompt, "")
+    latent = latent_shape(c.vae, 9, opts.height, opts.width)
+    start = torch.randn(1, *latent, generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        return sample(c.mmdit, text, negative, ReferenceLatents(), "t2v", latent, 3, guidance_options(opts), **kw)
+
+    plain = run()
+    near = run(start=start, start_t=1e-3)
+    assert (near - start).abs().max() < 0.05 < (plain - start).abs().max()
+    torch.testing.assert_close(run(start=start, start_t=1.0), plain)
+    with pytest.raises(ValueError, match="start must be"):
+        run(start=start[:, :, :1], start_t=0.5)
+
+
+def test_from_noise_report_judges_each_level(engine):
+    report = evaluate.evaluate_from_noise(engine, n=2, seed=0, frames=9, levels=[1.0, 0.05])
+    assert set(report) == {"1", "0.05"}
+    for level in report.values():
+        assert level["clips"] == 2 and 0.0 <= level["shape_accuracy"] <= 1.0

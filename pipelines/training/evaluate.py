@@ -12,6 +12,9 @@ before H.264 encoding, so the numbers measure the model, not the codec.
   against the same scene carried on by the world's rules (bounces included).
 - vae_ceiling: the same judge on the VAE's reconstructions of real clips for the t2v prompts, i.e. the most any
   MMDiT on this VAE could score (a blurred decoder caps colour and shape before the MMDiT does anything).
+- from_noise (`--from-noise 1,0.5,0.15`): the t2v prompts sampled from their real clip's latent noised to each
+  level t0 (the schedule's steps below t0): from which noise level on the model loses colour, shape or direction
+  (t0 = 1 is plain t2v; a small t0 reads close to the VAE ceiling).
 The t2v and ceiling sections list what was mistaken for what (`shape_confusion`, `color_confusion`).
 """
 
@@ -26,12 +29,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from pipelines.conditions import ReferenceLatents
 from pipelines.engine import Engine
 from pipelines.media import to_uint8_frames, write_video
 from pipelines.options import GenerationOptions
 from pipelines.presets import load_embedded_preset
+from pipelines.stages import (ReferencePixels, decode_video, encode_references, encode_text, guidance_options,
+                              latent_shape, sample)
+from pipelines.text import build_prompt
 from pipelines.training.judge import centroid_track, judge_clip, motion_direction, psnr, speed_score_correlation
 from pipelines.training.shapes import render_clip, sample_eval_prompts
 from pipelines.training.train_default import round_trip
@@ -91,6 +99,34 @@ def evaluate_vae_ceiling(engine: Engine, n: int, seed: int, frames: int) -> dict
         rows.append({**judge_clip(recon, item.spec), "expected": item.spec})
         psnrs.append(_psnr_capped(recon, clip))
     return {**_accuracies(rows), "psnr_db": _mean(psnrs)}
+
+
+@torch.inference_mode()
+def evaluate_from_noise(engine: Engine, n: int, seed: int, frames: int, levels: list[float]) -> dict:
+    """The judge on t2v samples that start from the prompt's real clip (its latent noised to each level)."""
+    c = engine.components
+    rows = {level: [] for level in levels}
+    for i, item in enumerate(sample_eval_prompts(n, seed, num_frames=frames)):
+        opts = engine.check(GenerationOptions(prompt=item.caption, num_frames=frames,
+                                              motion_score=item.spec.motion_score, seed=seed + i))
+        text, negative = encode_text(c.text_encoder, build_prompt(opts.prompt, opts.fps, opts.motion_score),
+                                     opts.negative_prompt)
+        clip = torch.from_numpy(render_clip(item.spec, frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+        start = encode_references(c.vae, ReferencePixels(head=clip), text.txt.device, c.dtype).head
+        latent = latent_shape(c.vae, frames, opts.height, opts.width)
+        for level in levels:
+            z = sample(c.mmdit, text, negative, ReferenceLatents(), "t2v", latent, opts.seed, guidance_options(opts),
+                       start=start, start_t=level)
+            rows[level].append({**judge_clip(_frames(decode_video(c.vae, z, frames)), item.spec),
+                                "expected": item.spec})
+    return {f"{level:g}": _accuracies(level_rows) for level, level_rows in rows.items()}
+
+
+def _noise_levels(text: str) -> list[float]:
+    levels = [float(part) for part in text.split(",") if part.strip()]
+    if not levels or not all(0.0 < level <= 1.0 for level in levels):
+        raise argparse.ArgumentTypeError(f"noise levels are numbers in (0, 1], comma-separated: {text!r}")
+    return levels
 
 
 def _reference_image(clip: np.ndarray, index: int, folder: Path, name: str) -> str:
@@ -170,6 +206,8 @@ def main(argv=None) -> dict:
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--image-first", action="store_true", help="t2v as the studio's Image first: frame, then i2v")
     p.add_argument("--extend-frames", type=int, default=65)
+    p.add_argument("--from-noise", type=_noise_levels, default=None, metavar="T0[,T0...]",
+                   help="also sample the t2v prompts from their real clip noised to these levels (e.g. 1,0.5,0.15)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -190,6 +228,9 @@ def main(argv=None) -> dict:
             report["extend"] = evaluate_extend(engine, args.extend, args.seed, args.extend_frames, folder)
         if args.ceiling:
             report["vae_ceiling"] = evaluate_vae_ceiling(engine, args.ceiling, args.seed, args.frames)
+        if args.from_noise:
+            report["from_noise"] = evaluate_from_noise(engine, args.t2v or 36, args.seed, args.frames,
+                                                       args.from_noise)
     report["clips"] = sum(report[m]["clips"] for m in ("t2v", "i2v", "loop", "extend") if m in report)
     report["wall_s"] = round(time.perf_counter() - start, 1)
     report["targets"] = TARGETS
