@@ -207,7 +207,8 @@ def main(argv=None) -> dict:
     p.add_argument("--image-first", action="store_true", help="t2v as the studio's Image first: frame, then i2v")
     p.add_argument("--extend-frames", type=int, default=65)
     p.add_argument("--from-noise", type=_noise_levels, default=None, metavar="T0[,T0...]",
-                   help="also sample the t2v prompts from their real clip noised to these levels (e.g. 1,0.5,0.15)")
+                   help="also sample the t2v prompts (36 when --t2v is 0) from their real clip noised to these "
+                        "levels (e.g. 1,0.5,0.15)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
