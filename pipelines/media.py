@@ -165,8 +165,7 @@ def read_video(
         raise MediaError(f"{path.name}: no frame could be decoded; the video is empty, truncated or corrupt.")
     if len({a.shape for a in kept}) > 1:
         raise MediaError(f"{path.name}: the frame size changes inside the video, which is not supported.")
-    video = torch.from_numpy(np.stack(kept))  # (T, H, W, 3) uint8
-    return _uint8_to_unit(rearrange(video, "t h w c -> c t h w")), fps
+    return from_uint8_frames(np.stack(kept)), fps
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
@@ -323,6 +322,11 @@ def _as_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     if pixels.shape[0] < 1:
         raise ValueError("there are no frames to write.")
     return np.ascontiguousarray(pixels)
+
+
+def from_uint8_frames(frames: np.ndarray) -> torch.Tensor:
+    """numpy (T, H, W, 3) uint8 → (3, T, H, W) float32 in [-1, 1]: the inverse of `to_uint8_frames`."""
+    return _uint8_to_unit(rearrange(torch.from_numpy(np.ascontiguousarray(frames)), "t h w c -> c t h w"))
 
 
 def _uint8_to_unit(pixels: torch.Tensor) -> torch.Tensor:

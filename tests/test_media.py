@@ -303,3 +303,13 @@ def test_write_png_leaves_nothing_when_replace_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_png(make_frames(t=1), tmp_path / "still.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_from_uint8_frames_inverts_to_uint8_frames():
+    from pipelines.media import from_uint8_frames, to_uint8_frames
+
+    clip = np.random.default_rng(0).integers(0, 256, size=(5, 8, 6, 3), dtype=np.uint8)  # (T, H, W, 3)
+    unit = from_uint8_frames(clip)
+    assert unit.shape == (3, 5, 8, 6) and unit.dtype == torch.float32
+    assert float(unit.min()) >= -1.0 and float(unit.max()) <= 1.0
+    np.testing.assert_array_equal(to_uint8_frames(unit), clip)

@@ -34,7 +34,7 @@ from PIL import Image
 
 from pipelines.conditions import ReferenceLatents
 from pipelines.engine import Engine
-from pipelines.media import to_uint8_frames, write_video
+from pipelines.media import from_uint8_frames, to_uint8_frames, write_video
 from pipelines.options import GenerationOptions
 from pipelines.presets import load_embedded_preset
 from pipelines.stages import (ReferencePixels, decode_video, encode_references, encode_text, guidance_options,
@@ -111,7 +111,7 @@ def evaluate_from_noise(engine: Engine, n: int, seed: int, frames: int, levels: 
                                               motion_score=item.spec.motion_score, seed=seed + i))
         text, negative = encode_text(c.text_encoder, build_prompt(opts.prompt, opts.fps, opts.motion_score),
                                      opts.negative_prompt)
-        clip = torch.from_numpy(render_clip(item.spec, frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+        clip = from_uint8_frames(render_clip(item.spec, frames))  # (3, T, H, W) in [-1, 1]
         start = encode_references(c.vae, ReferencePixels(head=clip), text.txt.device, c.dtype).head
         latent = latent_shape(c.vae, frames, opts.height, opts.width)
         for level in levels:

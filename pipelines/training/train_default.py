@@ -51,10 +51,10 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
 def round_trip(vae: CausalVAE, clip: np.ndarray) -> np.ndarray:
     """A uint8 clip (T, H, W, 3) through the VAE (encode, decode) and back to uint8 (T, H, W, 3), on the VAE's
     device and dtype."""
-    from pipelines.media import to_uint8_frames
+    from pipelines.media import from_uint8_frames, to_uint8_frames
 
     weight = next(vae.parameters())
-    x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].to(weight.device, weight.dtype) / 127.5 - 1.0
+    x = from_uint8_frames(clip)[None].to(weight.device, weight.dtype)
     recon = vae.decode(vae.encode(x))[0, :, :clip.shape[0]]  # (3, T, H, W)
     return to_uint8_frames(recon)  # raises on NaN/inf: a diverged VAE must not read as black frames
 
