@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -157,6 +159,12 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(results, indent=2))
     finally:
         cleanup()
+    # Results are written and the group is left. Skip interpreter finalization: about 1 run in 20 on this 2-core
+    # machine, gloo's C++ threads aborted the process there ("terminate called without an active exception")
+    # after everything had succeeded, failing the run for nothing the test checks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
