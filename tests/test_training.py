@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 from pipelines.models.vae import CausalVAE, CausalVAEConfig
-from pipelines.sampling import shift_alpha_for, time_shift
+from pipelines.sampling import get_schedule, shift_alpha_for, time_shift
 from pipelines.training.conditions import (allowed_condition_types, build_condition, conditioned_frame_mask,
                                            draw_condition_types, encode_references, prepare_visual_condition_causal)
 from pipelines.training.losses import (dropout_condition, flow_interpolate, flow_target, get_batch_loss,
@@ -94,6 +94,26 @@ def test_timesteps_lie_in_the_open_interval_and_are_shifted():
     plain = torch.sigmoid(torch.randn(4096, generator=torch.Generator().manual_seed(1)))
     torch.testing.assert_close(t, time_shift(shift_alpha_for(64, 9), plain))
     assert t.mean() > plain.mean() + 0.05  # alpha > 1 moves mass towards noise
+
+
+def test_timesteps_uniform_share_follows_the_sampling_schedule():
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    torch.testing.assert_close(sample_timesteps(512, 16, 9, generator(), uniform_share=0.0),
+                               sample_timesteps(512, 16, 9, generator()))  # off: the same stream as before
+    alpha = shift_alpha_for(16, 9)
+    steps = torch.tensor(get_schedule(30, 16, 9)[:-1])
+    everyone = sample_timesteps(200_000, 16, 9, generator(), uniform_share=1.0)
+    assert 0 < everyone.min() and everyone.max() < 1
+    for level in (0.5, 0.9, 0.987):  # all uniform: as often above a level as the sampler's steps are
+        share = (everyone > level).float().mean().item()
+        exact = 1 - (level / (alpha - (alpha - 1) * level))  # P(shift(u) > level), u uniform
+        assert abs(share - exact) < 0.01
+        assert abs(share - (steps > level).float().mean().item()) < 0.04
+    plain = sample_timesteps(200_000, 16, 9, generator())
+    half = sample_timesteps(200_000, 16, 9, generator(), uniform_share=0.5)
+    assert (plain > 0.987).float().mean() < 0.002 < 0.01 < (half > 0.987).float().mean()
+    with pytest.raises(ValueError, match="uniform_share"):
+        sample_timesteps(4, 16, 9, uniform_share=1.5)
 
 
 def test_flow_interpolation_and_target_follow_the_formula():
@@ -197,6 +217,15 @@ def test_dit_object_weight_weighs_the_latents_that_encode_the_object(tmp_path, m
     stage.cfg.object_weight = 0.0
     plain = stage.loss(model, 2, torch.Generator().manual_seed(0), step=0)  # the same batch, noise and t
     assert seen[-1] is None and not torch.allclose(weighted, plain)
+    shares = []
+
+    def timesteps(*args, uniform_share=0.0, **kwargs):
+        shares.append(uniform_share)
+        return sample_timesteps(*args, uniform_share=uniform_share, **kwargs)
+
+    monkeypatch.setattr(train, "sample_timesteps", timesteps)
+    stage.cfg.timestep_uniform = 0.5
+    assert torch.isfinite(stage.loss(model, 2, torch.Generator().manual_seed(0), step=0)) and shares == [0.5]
 
 
 def test_latent_pool_cache_reuses_encoded_clips_for_the_same_vae_only(tmp_path, tiny_vae, monkeypatch):
@@ -236,6 +265,8 @@ def test_dotted_overrides_edit_nested_config():
     assert cfg.optim.lr == 3e-4 and cfg.data.pool_size == 8
     with pytest.raises(ValueError, match="unknown"):
         load_train_config("tiny-dit", ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="timestep_uniform"):
+        load_train_config("tiny-dit", ["timestep_uniform=2"])
 
 
 # ---- train.py -------------------------------------------------------------------------------------------------------

@@ -196,7 +196,8 @@ class DiTStage:
         cond = build_condition(x0, batch.cond_types, batch.refs)  # (B, 1 + C, T, h, w)
         txt, y_vec = self.text.lookup(batch.captions)  # (B, L, C_txt), (B, D)
         txt, y_vec, _ = dropout_condition(cfg.text_dropout, txt, self.null_txt, generator, y_vec, self.null_y)
-        t = sample_timesteps(b, (h // patch) * (w // patch), t_lat, generator)  # (B,)
+        t = sample_timesteps(b, (h // patch) * (w // patch), t_lat, generator,
+                             uniform_share=cfg.timestep_uniform)  # (B,)
         x0_tokens = pack(x0, patch)  # (B, L, C p^2)
         x1 = torch.randn(x0_tokens.shape, generator=generator)  # CPU noise: the same batch on any device
         inputs = dict(img=flow_interpolate(x0_tokens, x1, t), img_ids=prepare_img_ids(b, t_lat, h, w, patch),

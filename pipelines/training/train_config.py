@@ -73,6 +73,7 @@ class TrainConfig:
     condition_config: dict = field(default_factory=lambda: dict(SHAPES_CONDITIONS))
     text_dropout: float = 0.1
     exclude_conditioned_loss: bool = True
+    timestep_uniform: float = 0.0  # dit: share of t drawn like the sampler's steps (shifted uniform), not logit-normal
     batch_size: int = 8
     long_batch_size: int = 4  # dit: batch size of v2v (long clip) steps
     long_every: int = 4  # dit: every k-th step trains on long clips (0: never)
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"optim.accumulation_steps must be at least 1, got {self.optim.accumulation_steps}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
+        if not 0.0 <= self.timestep_uniform <= 1.0:
+            raise ValueError(f"timestep_uniform must lie in [0, 1], got {self.timestep_uniform}")
         if self.edge_weight < 0:
             raise ValueError(f"edge_weight must not be negative, got {self.edge_weight}")
         if self.object_weight < 0 or self.object_margin < 0:
