@@ -195,9 +195,9 @@ def _resolve_motion(options: GenerationOptions, llm: LLMConfig):
     return replace(options, motion_score=score)
 
 
-def _stream(pool, options, job: SessionJob, progress, note: str = ""):
+def _stream(pool, options, job: SessionJob, run_id: int, progress, note: str = ""):
     """Yield (update, outputs) pairs for one engine run; the last update is done."""
-    for update in run_job(pool, options, job):
+    for update in run_job(pool, options, job, run_id=run_id):
         _progress(progress, update)
         preview = update.preview if update.preview is not None else gr.skip()
         yield update, (gr.skip(), gr.skip(), gr.skip(), status_html(update, note), preview)
@@ -223,15 +223,15 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
         gr.Warning(memory)
     warning = "" if fits else html.escape(memory)
     started = time.perf_counter()
-    job.start()
+    run_id = job.start()
     try:
         yield gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate(), warning), gr.skip()
         options = _resolve_motion(options, llm)
-        for update, outputs in _stream(pool, options, job, progress, warning):
+        for update, outputs in _stream(pool, options, job, run_id, progress, warning):
             yield outputs
         yield from _finish(update, started)
     finally:
-        job.finish()
+        job.finish(run_id)
 
 
 def _finish(update: JobUpdate, started: float):

@@ -94,21 +94,39 @@ class EnginePool:
 
 @dataclass
 class SessionJob:
-    """One browser session's job flags, kept in gr.State (each session gets its own copy)."""
+    """One browser session's job flags, kept in gr.State (each session gets its own copy).
 
-    stop_requested: bool = False
+    Every run gets a number and a Stop names the run it stops: a Generate clicked right after Stop must not clear
+    the flag that the previous run, still finishing its step, has yet to read.
+    """
+
+    run_id: int = 0  # the session's latest run
+    stopped_up_to: int = -1  # runs numbered up to this one were asked to stop
     running: bool = False
 
-    def start(self) -> None:
-        self.stop_requested, self.running = False, True
+    def start(self) -> int:
+        """Begin a new run; returns its number."""
+        self.run_id += 1
+        self.running = True
+        return self.run_id
 
-    def request_stop(self) -> bool:
-        """Ask the running job to stop at its next step; returns whether one was running."""
-        self.stop_requested = True
+    def should_stop(self, run_id: int) -> bool:
+        return self.stopped_up_to >= run_id
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether the latest run was asked to stop."""
+        return self.should_stop(self.run_id)
+
+    def request_stop(self, run_id: int | None = None) -> bool:
+        """Ask a run (default: the latest) to stop at its next step; returns whether one was running."""
+        self.stopped_up_to = max(self.stopped_up_to, self.run_id if run_id is None else run_id)
         return self.running
 
-    def finish(self) -> None:
-        self.running = False
+    def finish(self, run_id: int | None = None) -> None:
+        """A run ended; a newer run started meanwhile keeps the session marked as running."""
+        if run_id is None or run_id == self.run_id:
+            self.running = False
 
 
 @dataclass(frozen=True)
@@ -135,20 +153,20 @@ class _Outcome:
     error: BaseException | None = None
 
 
-def _is_stop(error: BaseException, job: SessionJob) -> bool:
+def _is_stop(error: BaseException, job: SessionJob, run_id: int) -> bool:
     # GenerationStopped lives in pipelines.sampling (torch), so it is recognised by name here.
-    return type(error).__name__ == "GenerationStopped" or job.stop_requested
+    return type(error).__name__ == "GenerationStopped" or job.should_stop(run_id)
 
 
-def _work(pool: EnginePool, options, job: SessionJob, events: queue.Queue) -> None:
+def _work(pool: EnginePool, options, job: SessionJob, run_id: int, events: queue.Queue) -> None:
     engine = None
     try:
         while engine is None:
-            if job.stop_requested:
+            if job.should_stop(run_id):
                 raise InterruptedError("stopped while waiting for a free device")
             engine = pool.acquire(timeout=0.5)
         events.put(("device", str(getattr(engine, "device", ""))))
-        result = engine.run(options, on_event=events.put, should_stop=lambda: job.stop_requested)
+        result = engine.run(options, on_event=events.put, should_stop=lambda: job.should_stop(run_id))
         events.put(_Outcome(result=result))
     except BaseException as exc:  # the UI reports it; the worker thread must never die silently
         events.put(_Outcome(error=exc))
@@ -157,9 +175,9 @@ def _work(pool: EnginePool, options, job: SessionJob, events: queue.Queue) -> No
             pool.release(engine)
 
 
-def _apply(update: JobUpdate, item, job: SessionJob) -> JobUpdate:
+def _apply(update: JobUpdate, item, job: SessionJob, run_id: int) -> JobUpdate:
     if isinstance(item, _Outcome):
-        if item.error is not None and _is_stop(item.error, job):
+        if item.error is not None and _is_stop(item.error, job, run_id):
             return replace(update, stage="stopped", message="Stopped", stopped=True, done=True)
         if item.error is not None:
             return replace(update, stage="error", message=str(item.error), error=item.error, done=True)
@@ -177,14 +195,17 @@ def _apply(update: JobUpdate, item, job: SessionJob) -> JobUpdate:
     return update  # the engine's own "result" event: the outcome carries it
 
 
-def run_job(pool: EnginePool, options, job: SessionJob, poll_s: float = 0.2) -> Iterator[JobUpdate]:
+def run_job(pool: EnginePool, options, job: SessionJob, poll_s: float = 0.2,
+            run_id: int | None = None) -> Iterator[JobUpdate]:
     """Run one request on a free engine in a worker thread and yield updates (several events -> one update).
 
     Stopping: `job.request_stop()` ends the run within one sampling step. If the consumer stops iterating (the
-    event was cancelled), the job is asked to stop too, so the engine is never left running for nobody.
+    event was cancelled), the run is asked to stop too, so the engine is never left running for nobody. `run_id`
+    is the number `job.start()` gave this run (default: the session's latest).
     """
+    run = job.run_id if run_id is None else run_id
     events: queue.Queue = queue.Queue()
-    worker = threading.Thread(target=_work, args=(pool, options, job, events), name="studio-job", daemon=True)
+    worker = threading.Thread(target=_work, args=(pool, options, job, run, events), name="studio-job", daemon=True)
     update = JobUpdate()
     worker.start()
     try:
@@ -198,10 +219,10 @@ def run_job(pool: EnginePool, options, job: SessionJob, poll_s: float = 0.2) -> 
                 batch.append(events.get_nowait())
             update = replace(update, preview=None)
             for item in batch:
-                update = _apply(update, item, job)
+                update = _apply(update, item, job, run)
             yield update
     finally:
         if worker.is_alive():
-            job.request_stop()
+            job.request_stop(run)
             worker.join(timeout=0.1)
 

@@ -137,6 +137,27 @@ def test_stop_ends_the_job_within_a_step_and_frees_the_engine():
     assert pool.try_acquire() is not None
 
 
+def test_stop_then_generate_at_once_still_stops_the_first_run():
+    pool = EnginePool([FakeEngine(steps=500, delay_s=0.01), FakeEngine(steps=3)])
+    job = SessionJob()
+    first_run = job.start()
+    first = run_job(pool, object(), job, run_id=first_run)
+    for update in first:
+        if update.step >= 1:
+            break
+    job.request_stop()
+    second_run = job.start()  # Generate again before the first run has read its flag
+    assert second_run != first_run and job.should_stop(first_run) and not job.stop_requested
+    outcome = [update for update in first][-1]
+    assert outcome.stopped and outcome.step < 500
+    job.finish(first_run)  # the first handler's cleanup leaves the newer run marked as running
+    assert job.running
+    second = list(run_job(pool, object(), job, run_id=second_run))
+    assert second[-1].done and not second[-1].stopped and second[-1].result.seed == 1
+    job.finish(second_run)
+    assert not job.running
+
+
 def test_closing_the_stream_early_asks_the_job_to_stop():
     engine, job = FakeEngine(steps=500, delay_s=0.01), SessionJob()
     pool = EnginePool([engine])
