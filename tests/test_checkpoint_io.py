@@ -336,6 +336,25 @@ def test_keep_n_latest_prunes_older_complete_checkpoints(tmp_path):
     assert rm_checkpoints(tmp_path, keep_n_latest=0) == []
 
 
+def test_a_run_resumed_from_an_earlier_step_never_prunes_what_it_just_wrote(tmp_path):
+    io = CheckpointIO(keep_n_latest=2)
+    for step in (2200, 2300):  # a run that went bad, rolled back to step 1000
+        io.save(tmp_path, model=nn.Linear(2, 2), epoch=0, step=step, global_step=step, batch_size=1)
+    written = io.save(tmp_path, model=nn.Linear(2, 2), epoch=0, step=1100, global_step=1100, batch_size=1)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert written.is_dir() and kept == ["epoch0-global_step1100", "epoch0-global_step2300"]
+    assert rm_checkpoints(tmp_path, keep_n_latest=1, keep=written) == [tmp_path / "epoch0-global_step2300"]
+
+
+def test_a_leftover_temp_folder_with_this_processes_pid_does_not_block_saving(tmp_path):
+    stale = tmp_path / f".tmp-epoch0-global_step5-{os.getpid()}"  # a killed run that had this pid (pid 1 in a box)
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "half.safetensors").write_bytes(b"\0" * 10)
+    written = CheckpointIO().save(tmp_path, model=nn.Linear(2, 2), epoch=0, step=5, global_step=5, batch_size=1)
+    assert written.is_dir() and not stale.exists()
+    assert not (written / "model" / "half.safetensors").exists()
+
+
 def test_background_save_equals_foreground_save_despite_training_on(tmp_path, monkeypatch):
     seed_everything(0)
     run = build_run(0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -302,6 +304,41 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     saved = safetensors.torch.load_file(resumed.checkpoint / "ema.safetensors")
     assert set(saved) == set(whole.ema.state_dict())
+    sampler = json.loads((resumed.checkpoint / "sampler.json").read_text())["sampler"]
+    assert sampler["budget_spent_s"] > 0  # a resumed time budget goes on from here
+
+
+def test_checkpoints_can_be_written_in_the_background(tmp_path):
+    from pipelines.training.checkpoint_io import is_complete_checkpoint
+    from pipelines.training.train import main
+
+    result = main(["--config", "tiny-vae", f"outputs={tmp_path}", "threads=1", "steps=2", "ckpt_every=1",
+                   "ckpt_background=true"])
+    assert is_complete_checkpoint(result.checkpoint) and result.checkpoint.name.endswith("global_step2")
+
+
+def test_an_engine_that_saves_its_own_state_writes_it_into_the_checkpoint(tmp_path):
+    """ColossalAI's booster writes its sharded model and optimizer itself (`write_extra` / `read_extra`)."""
+    from types import SimpleNamespace
+
+    from pipelines.training.checkpoint_io import CheckpointIO
+    from pipelines.training.train import StepBudget, _save
+
+    calls = []
+
+    def save_model_and_optimizer(folder):
+        (folder / "model").mkdir()
+        (folder / "model" / "booster.bin").write_bytes(b"shard")
+        calls.append("save")
+
+    engine = SimpleNamespace(unwrapped_model=torch.nn.Linear(2, 2), torch_optimizer=None,
+                             save_model_and_optimizer=save_model_and_optimizer,
+                             load_model_and_optimizer=lambda folder: calls.append(("load", folder.name)))
+    cfg = load_train_config("tiny-vae", [f"outputs={tmp_path}", "ckpt_background=true"])
+    saved = _save(cfg, engine, None, None, CheckpointIO(), tmp_path, 3, StepBudget(cfg, 0))
+    assert (saved / "model" / "booster.bin").read_bytes() == b"shard" and not (saved / "optimizer.pt").exists()
+    CheckpointIO().load(saved, model=None, read_extra=engine.load_model_and_optimizer)
+    assert calls == ["save", ("load", saved.name)]
 
 
 def free_port() -> int:
@@ -313,9 +350,12 @@ def free_port() -> int:
 def test_torchrun_two_process_gloo_smoke(tmp_path):
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={free_port()}"]
-    log = run_train(["--config", "tiny-dit", f"outputs={tmp_path}", "steps=2", "threads=1"], launcher, timeout=240)
-    assert "done: 2 steps" in log
-    assert (tmp_path / "checkpoints" / "epoch0-global_step2" / "running_states.json").is_file()
+    # A time budget: each rank times its own steps, and both must stop at the same one (else a collective hangs).
+    log = run_train(["--config", "tiny-dit", f"outputs={tmp_path}", "steps=100000", "time_budget_min=0.1",
+                     "threads=1", "log_every=5"], launcher, timeout=240)
+    steps = int(re.search(r"done: (\d+) steps", log).group(1))
+    assert 10 < steps < 100000
+    assert (tmp_path / "checkpoints" / f"epoch0-global_step{steps}" / "running_states.json").is_file()
 
 
 def test_decoder_finetune_leaves_the_encoder_untouched(tmp_path):
@@ -374,6 +414,26 @@ def test_time_budget_pace_is_not_thrown_by_a_brief_stall(monkeypatch):
     # the stall costs its own 5 s (50 steps) once; the schedule is not re-fitted to its pace for a while
     assert min(targets[99:]) >= targets[98] - 60
     assert scheduler.total_steps == targets[-1]
+
+
+def test_time_budget_counts_the_time_spent_before_a_resume(monkeypatch):
+    from pipelines.training import train as train_module
+    from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR
+
+    clock = [1000.0]
+    monkeypatch.setattr(train_module.time, "time", lambda: clock[0])
+    cfg = load_train_config("tiny-vae", ["steps=100000", "time_budget_min=1"])
+    fresh = train_module.StepBudget(cfg, start_step=0)
+    resumed = train_module.StepBudget(cfg, start_step=300, spent_s=30.0)  # half the minute was used before
+    scheduler = CosineAnnealingWarmupLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                        total_steps=100000, warmup_steps=5)
+    for step in range(1, 51):
+        clock[0] += 0.1
+        end_fresh = fresh.update(step, scheduler)
+        end_resumed = resumed.update(300 + step, scheduler)
+    assert 550 <= end_fresh <= 620  # 60 s at 0.1 s a step
+    assert abs(end_resumed - end_fresh) <= 5  # the same end: the schedule does not stretch over a new minute
+    assert resumed.elapsed_s() == pytest.approx(35.0)
 
 
 def test_vae_object_weight_marks_exactly_the_object_pixels():

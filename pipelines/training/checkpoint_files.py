@@ -9,6 +9,7 @@ checkpoint whose files are still in the page cache).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor
 
 from pipelines.atomic_io import fsync_dir, fsync_file  # noqa: F401 - part of this module's API
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "capture_rng_state",
@@ -218,11 +221,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
-        if len(cuda_states) != torch.cuda.device_count():
-            raise ValueError(
-                f"checkpoint has RNG states for {len(cuda_states)} GPUs, this process sees {torch.cuda.device_count()}"
-            )
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda_states])
+        if len(cuda_states) != torch.cuda.device_count():  # e.g. resumed with fewer GPUs visible
+            logger.warning("checkpoint has RNG states for %d GPUs, this process sees %d: restoring the first %d",
+                           len(cuda_states), torch.cuda.device_count(),
+                           min(len(cuda_states), torch.cuda.device_count()))
+        for index, cuda_state in enumerate(cuda_states[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.tensor(cuda_state, dtype=torch.uint8), index)
     if "numpy" in state:
         import numpy
 

@@ -110,13 +110,20 @@ def latest_checkpoint(save_dir: Path | str) -> Path | None:
     return found[-1] if found else None
 
 
-def rm_checkpoints(save_dir: Path | str, keep_n_latest: int = 0) -> list[Path]:
-    """Delete all but the `keep_n_latest` newest complete checkpoints (0 keeps all); returns those removed."""
+def rm_checkpoints(save_dir: Path | str, keep_n_latest: int = 0, keep: Path | None = None) -> list[Path]:
+    """Delete all but the `keep_n_latest` newest complete checkpoints (0 keeps all); returns those removed.
+
+    `keep` (the one just written) survives whatever its step: a run resumed from an earlier step, in a folder that
+    still holds later checkpoints, must not delete each checkpoint it writes."""
     if keep_n_latest < 0:
         raise ValueError(f"keep_n_latest must be >= 0, got {keep_n_latest}")
     if keep_n_latest == 0:
         return []
-    doomed = _complete_checkpoints(Path(save_dir))[:-keep_n_latest]
+    found = _complete_checkpoints(Path(save_dir))
+    kept = found[-keep_n_latest:]
+    if keep is not None and Path(keep) in found and Path(keep) not in kept:
+        kept = [*found[-(keep_n_latest - 1):], Path(keep)] if keep_n_latest > 1 else [Path(keep)]
+    doomed = [path for path in found if path not in kept]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -181,6 +188,9 @@ class CheckpointIO:
         tmp_dir = save_dir / f"{files.TMP_PREFIX}{name}-{_writer_pid()}"
         if is_main_process():
             files.remove_stale_tmp_dirs(save_dir)
+            # No save of ours is in flight (wait() above): a folder of this very name was left by a killed run
+            # whose pid this process now has (a container's pid 1, say).
+            shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
         if write_extra is not None:
             barrier()
@@ -216,7 +226,7 @@ class CheckpointIO:
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
-        removed = rm_checkpoints(final.parent, self.keep_n_latest)
+        removed = rm_checkpoints(final.parent, self.keep_n_latest, keep=final)
         logger.info("saved checkpoint %s%s", final, f" (removed {len(removed)} older)" if removed else "")
 
     def load(

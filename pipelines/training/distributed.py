@@ -138,6 +138,15 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_reduce_min(value: int) -> int:
+    """The smallest of every rank's `value` (itself in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the module inside DDP / torch.compile / ColossalAI wrappers (FSDP2 shards in place)."""
     if type(model).__module__.startswith("colossalai") and hasattr(model, "unwrap"):

@@ -28,7 +28,7 @@ from pipelines.models.vae import CausalVAE, CausalVAEConfig
 from pipelines.sampling import pack, prepare_img_ids, prepare_txt_ids
 from pipelines.training.checkpoint_io import CheckpointIO
 from pipelines.training.conditions import build_condition, conditioned_frame_mask
-from pipelines.training.distributed import (DistributedConfig, all_reduce_mean, cleanup, create_engine,
+from pipelines.training.distributed import (DistributedConfig, all_reduce_mean, all_reduce_min, cleanup, create_engine,
                                             is_main_process, setup_distributed)
 from pipelines.training.ema import create_ema, update_ema
 from pipelines.training.latent_pool import TextCache, build_latent_pool
@@ -232,13 +232,15 @@ class StepBudget:
 
     A median, not a mean: a brief burst of other load (a few slow steps) must not shrink the cosine for a while
     and then stretch it again, while a lasting change of pace still moves the end. The first steps, which carry
-    one-off costs, are left out.
+    one-off costs, are left out. The budget is the whole run's: a resumed run counts the `spent_s` seconds used
+    before its checkpoint, so its cosine goes on where it was instead of stretching over a fresh budget. Under
+    torchrun every rank stops at the same step (the earliest any rank's pace allows).
     """
 
     WARMUP, WINDOW = 10, 101
 
-    def __init__(self, cfg: TrainConfig, start_step: int):
-        self.minutes, self.limit = cfg.time_budget_min, cfg.steps
+    def __init__(self, cfg: TrainConfig, start_step: int, spent_s: float = 0.0):
+        self.minutes, self.limit, self.spent_s = cfg.time_budget_min, cfg.steps, spent_s
         self.started, self.start_step = time.time(), start_step
         self.last_time, self.last_step, self.target = None, None, cfg.steps
         self.paces: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
@@ -254,12 +256,17 @@ class StepBudget:
         if not self.paces:
             return self.target
         pace = statistics.median(self.paces)
-        remaining = self.minutes * 60 - (now - self.started)
+        remaining = self.minutes * 60 - self.elapsed_s()
         target = max(step, min(self.limit, step + int(remaining / pace)))  # out of time: stop now
+        target = all_reduce_min(target)  # ranks time their own steps; they must agree on the last one
         if isinstance(scheduler, CosineAnnealingWarmupLR):
             scheduler.total_steps = max(target, scheduler.warmup_steps + 1)
         self.target = target
         return target
+
+    def elapsed_s(self) -> float:
+        """Seconds of the budget used so far, this run's and those before its checkpoint."""
+        return self.spent_s + time.time() - self.started
 
 
 def train(cfg: TrainConfig, load: str | None = None) -> TrainResult:
@@ -280,27 +287,38 @@ def train(cfg: TrainConfig, load: str | None = None) -> TrainResult:
                            eps=cfg.optim.eps)
     scheduler = build_scheduler(engine.torch_optimizer, cfg)
     ckpt_io, ckpt_dir = CheckpointIO(keep_n_latest=cfg.keep_n_latest), Path(cfg.outputs) / "checkpoints"
-    step = 0
+    step, spent_s = 0, 0.0
     if load:
-        running = ckpt_io.load(load, model=engine.unwrapped_model, ema=ema, optimizer=engine.torch_optimizer,
-                               lr_scheduler=scheduler)
-        step = running.global_step
+        booster = _booster_io(engine)  # ColossalAI's booster reads its own sharded model and optimizer
+        running = ckpt_io.load(load, model=None if booster else engine.unwrapped_model, ema=ema,
+                               optimizer=None if booster else engine.torch_optimizer, lr_scheduler=scheduler,
+                               read_extra=engine.load_model_and_optimizer if booster else None)
+        step, spent_s = running.global_step, float((running.sampler_state or {}).get("budget_spent_s", 0.0))
         logger.info("resumed from %s at step %d", load, step)
-    result = _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state)
+    result = _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state, spent_s)
     cleanup()
     return result
 
 
-def _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step) -> Path:
-    return ckpt_io.save(ckpt_dir, model=engine.unwrapped_model, ema=ema, optimizer=engine.torch_optimizer,
-                        lr_scheduler=scheduler, sampler_state={"note": "per-step generators; nothing to keep"},
+def _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step, budget: StepBudget) -> Path:
+    sampler_state = {"note": "per-step generators; nothing to keep", "budget_spent_s": round(budget.elapsed_s(), 3)}
+    booster = _booster_io(engine)
+    return ckpt_io.save(ckpt_dir, model=None if booster else engine.unwrapped_model, ema=ema,
+                        optimizer=None if booster else engine.torch_optimizer, lr_scheduler=scheduler,
+                        sampler_state=sampler_state, background=cfg.ckpt_background and not booster,
+                        write_extra=engine.save_model_and_optimizer if booster else None,
                         epoch=0, step=step, global_step=step, batch_size=cfg.batch_size, config=config_to_dict(cfg))
 
 
-def _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state) -> TrainResult:
+def _booster_io(engine) -> bool:
+    """Whether the engine writes model and optimizer itself (ColossalAI's booster, sharded ZeRO state)."""
+    return hasattr(engine, "save_model_and_optimizer")
+
+
+def _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state, spent_s=0.0) -> TrainResult:
     from tqdm import tqdm
 
-    budget, accum = StepBudget(cfg, step), cfg.optim.accumulation_steps
+    budget, accum = StepBudget(cfg, step, spent_s), cfg.optim.accumulation_steps
     started, last_log, last_step, loss_sum, loss_count, final_loss = time.time(), time.time(), step, 0.0, 0, math.nan
     bar = tqdm(total=cfg.steps, initial=step, disable=not state.is_main, mininterval=20, file=sys.stderr)
     engine.model.train()
@@ -317,7 +335,8 @@ def _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state
         scheduler.step()
         step += 1
         if ema is not None:
-            update_ema(ema, engine.model, min(cfg.optim.ema_decay, (1 + step) / (10 + step)))
+            update_ema(ema, engine.model, min(cfg.optim.ema_decay, (1 + step) / (10 + step)),
+                       engine.master_params())  # ZeRO's fp32 masters (None: the parameters are the masters)
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
             mean_loss = float(all_reduce_mean(torch.tensor(loss_sum / max(loss_count, 1))))
@@ -328,12 +347,12 @@ def _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state
                             format_duration(now - started))
             final_loss, loss_sum, loss_count, last_log, last_step = mean_loss, 0.0, 0, now, step
         if step % cfg.ckpt_every == 0:
-            saved = _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step)
+            saved = _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step, budget)
         end = budget.update(step, scheduler)
         bar.total = end
     bar.close()
     if saved is None or not saved.name.endswith(f"global_step{step}"):
-        saved = _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step)
+        saved = _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step, budget)
     ckpt_io.wait()
     return TrainResult(engine.unwrapped_model, ema, step, final_loss, time.time() - started, saved)
 

@@ -89,9 +89,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     keep_n_latest: int = 2
+    ckpt_background: bool = False  # write checkpoints in a thread while training goes on (CheckpointIO background)
     seed: int = 42
     threads: int = 2
-    backend: str = "auto"  # "auto" (ddp under torchrun, else none), "none", "ddp"
+    backend: str = "auto"  # "auto" (ddp under torchrun, else none), "none", "ddp", "fsdp", "colossalai-zero2", ...
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
