@@ -30,13 +30,17 @@ def test_confusions_read_asked_then_judged():
     from pipelines.training.shapes import sample_eval_prompts
 
     spec = sample_eval_prompts(1, 0)[0].spec
-    row = {f"{k}_correct": True for k in ("color", "shape", "direction", "background")}
+    row = {f"{k}_correct": True for k in ("color", "shape", "direction", "background",
+                                          "color_literal", "shape_literal", "direction_literal")}
     rows = [{**row, "expected": spec, "shape": "other", "shape_correct": False, "color": spec.color,
              "all_correct": False}, {**row, "expected": spec, "shape": spec.shape, "color": spec.color,
                                      "all_correct": True}]
     report = evaluate._accuracies(rows)
     assert report["shape_confusion"] == {f"{spec.shape}->other": 1} and report["color_confusion"] == {}
     assert report["shape_accuracy"] == 0.5 and report["all_correct"] == 0.5
+    rows[0]["direction_literal_correct"] = False
+    assert evaluate._accuracies(rows)["literal"] == {"color_accuracy": 1.0, "shape_accuracy": 1.0,
+                                                     "direction_accuracy": 0.5}
 
 
 class _LosslessVAE:

@@ -78,13 +78,15 @@ def evaluate_t2v(engine: Engine, n: int, seed: int, frames: int, image_first: bo
 
 def _accuracies(rows: list[dict]) -> dict:
     """Accuracy per judged property over `judge_clip` reports (each with its `expected` spec), and the mistakes
-    ("asked->read": count, most common first)."""
+    ("asked->read": count, most common first), and the literal readings' accuracies under `literal`."""
     acc = {k: _mean([float(r[f"{k}_correct"]) for r in rows]) for k in ("color", "shape", "direction",
                                                                           "background")}
     confusion = {key: dict(collections.Counter(f"{getattr(r['expected'], key)}->{r[key]}" for r in rows
                                                if not r[f"{key}_correct"]).most_common())
                  for key in ("shape", "color")}
-    return {"clips": len(rows), **{f"{k}_accuracy": v for k, v in acc.items()},
+    literal = {f"{k}_accuracy": _mean([float(r[f"{k}_literal_correct"]) for r in rows])
+               for k in ("color", "shape", "direction")}
+    return {"clips": len(rows), **{f"{k}_accuracy": v for k, v in acc.items()}, "literal": literal,
             "all_correct": _mean([float(r["all_correct"]) for r in rows]),
             "shape_confusion": confusion["shape"], "color_confusion": confusion["color"]}
 

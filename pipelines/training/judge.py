@@ -17,6 +17,11 @@ over the *first leg* only: the frames up to the first turning point, found with 
 by more than TURN_TOLERANCE_PX from its running extreme) so that centroid jitter is not taken for a bounce. Each
 axis gets its own first leg; the axis with the larger fitted speed is the motion axis, and below
 STILL_THRESHOLD_PX per frame the object is still. Speed is that first-leg fitted speed, in px/frame.
+
+The *literal* readings follow the rules word for word, beside the main ones: colour = the nearest of all palette
+colours (the main reading leaves out the background's own, which the world never gives an object), shape = the
+nearest fill ratio alone (no skewness), direction = the velocity fitted over the whole clip (not its first leg).
+The evaluation reports both, so the difference the refinements make is on record.
 """
 
 from __future__ import annotations
@@ -157,7 +162,8 @@ def _clip_coverage(clip: np.ndarray, coverage: np.ndarray | None) -> np.ndarray:
     return object_coverage(clip, background_estimate(clip)[1]) if coverage is None else coverage
 
 
-def _object_color(clip: np.ndarray, bg_name: str, coverage: np.ndarray) -> str | None:
+def _object_color(clip: np.ndarray, bg_name: str | None, coverage: np.ndarray) -> str | None:
+    """The palette colour nearest the object's mean, leaving out `bg_name` (None: every colour is a candidate)."""
     masks = coverage > 0.5  # (T, H, W) the half-covered object
     inner = _erode(masks)
     pick = inner if inner.any() else masks
@@ -239,6 +245,13 @@ def shape_from_features(fill: float, skew: float) -> str | None:
     return min(FILL_RATIOS, key=distance)
 
 
+def shape_from_fill(fill: float) -> str | None:
+    """Nearest shape by fill ratio alone (the literal rule); None for NaN."""
+    if math.isnan(fill):
+        return None
+    return min(FILL_RATIOS, key=lambda name: abs(FILL_RATIOS[name] - fill))
+
+
 def object_shape(clip: np.ndarray, coverage: np.ndarray | None = None) -> str | None:
     """Shape read from the clip's fill ratio and vertical skewness; None when no object is found."""
     return shape_from_features(*shape_features(clip, coverage))
@@ -282,13 +295,16 @@ def _first_leg_velocity(times: np.ndarray, values: np.ndarray, tolerance: float)
 
 
 def fitted_velocity(clip: np.ndarray, coverage: np.ndarray | None = None,
-                    tolerance: float = TURN_TOLERANCE_PX) -> np.ndarray:
-    """First-leg centroid velocity (vx, vy) in px/frame; NaN when fewer than two frames show the object."""
+                    tolerance: float = TURN_TOLERANCE_PX, first_leg: bool = True) -> np.ndarray:
+    """First-leg (or, with first_leg=False, whole-clip) least-squares centroid velocity (vx, vy) in px/frame; NaN
+    when fewer than two frames show the object."""
     track = centroid_track(clip, coverage)  # (T, 2)
     seen = ~np.isnan(track).any(axis=1)
     if seen.sum() < 2:
         return np.full(2, np.nan)
     times = np.nonzero(seen)[0].astype(np.float64)
+    if not first_leg:
+        return np.array([float(np.polyfit(times, track[seen, axis], 1)[0]) for axis in range(2)])
     return np.array([_first_leg_velocity(times, track[seen, axis], tolerance) for axis in range(2)])
 
 
@@ -334,10 +350,16 @@ class JudgeReport:
     fill_ratio: float
     skewness: float  # |skewness| of the row profile
     velocity: tuple[float, float]
+    color_literal: str | None = None  # the rules read word for word (see the module docstring)
+    shape_literal: str | None = None
+    direction_literal: str | None = None
     background_correct: bool | None = None
     color_correct: bool | None = None
     shape_correct: bool | None = None
     direction_correct: bool | None = None
+    color_literal_correct: bool | None = None
+    shape_literal_correct: bool | None = None
+    direction_literal_correct: bool | None = None
 
     @property
     def all_correct(self) -> bool | None:
@@ -363,12 +385,19 @@ def judge_clip(clip: np.ndarray, expected: ShapeSpec | None = None,
         fill_ratio=fill,
         skewness=skew,
         velocity=(float(velocity[0]), float(velocity[1])),
+        color_literal=_object_color(clip, None, coverage),
+        shape_literal=shape_from_fill(fill),
+        direction_literal=direction_from_velocity(fitted_velocity(clip, coverage, first_leg=False),
+                                                  still_threshold_px_per_frame),
     )
     if expected is not None:
         report.background_correct = report.background == expected.background
         report.color_correct = report.color == expected.color
         report.shape_correct = report.shape == expected.shape
         report.direction_correct = report.direction == expected.direction
+        report.color_literal_correct = report.color_literal == expected.color
+        report.shape_literal_correct = report.shape_literal == expected.shape
+        report.direction_literal_correct = report.direction_literal == expected.direction
     return {**asdict(report), "all_correct": report.all_correct}
 
 
