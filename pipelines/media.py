@@ -143,9 +143,13 @@ def write_png(frame: torch.Tensor | np.ndarray, path: str | os.PathLike, metadat
 
 
 def read_video(
-    path: str | os.PathLike, max_frames: int | None = None, last: bool = False
+    path: str | os.PathLike, max_frames: int | None = None, last: bool = False,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Decode a video as ((3, T, H, W) in [-1, 1], fps); `last=True` keeps the final `max_frames` frames."""
+    """Decode a video as ((3, T, H, W) in [-1, 1], fps); `last=True` keeps the final `max_frames` frames.
+
+    With `size` (height, width) every frame is resized and centre-cropped to it (`resize_crop`) as it is decoded,
+    so a long full-HD phone clip never sits in memory at full size."""
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
         raise ValueError(f"max_frames must be a positive integer or None, got {max_frames!r}.")
     path = Path(path)
@@ -158,6 +162,8 @@ def read_video(
         fps = _frame_rate(stream, path)
         stream.thread_type = "AUTO"
         for array in _decode_rgb(container, stream, path):
+            if size is not None:
+                array = to_uint8_frames(resize_crop(from_uint8_frames(array[None]), *size))[0]  # (h, w, 3)
             kept.append(array)
             if not last and max_frames is not None and len(kept) >= max_frames:
                 break

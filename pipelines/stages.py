@@ -52,11 +52,11 @@ def load_reference_pixels(cond_type: str, paths: tuple[str, ...], height: int, w
     info = probe_video(paths[0])
     if info.frames < spec.video_frames:
         raise MediaError(f"the clip has {info.frames} frames; extending needs at least {spec.video_frames}")
-    clip, fps = read_video(paths[0])
+    clip, fps = read_video(paths[0], size=(height, width))
     if clip.shape[1] < spec.video_frames:
         raise MediaError(f"only {clip.shape[1]} frames of the clip could be decoded; extending needs "
                          f"{spec.video_frames}")
-    return clip_references(cond_type, resize_crop(clip, height, width), fps)
+    return clip_references(cond_type, clip, fps)
 
 
 def clip_references(cond_type: str, clip: Tensor, source_fps: float | None = None) -> ReferencePixels:

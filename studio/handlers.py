@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SHARED_NAMES = [name for name in SharedControls.__dataclass_fields__]
 TAB_NAMES = {"t2v": ["image_first"], "i2v": ["image", "image_position"], "loop": ["first_image", "last_image"],
              "extend": ["video", "direction", "easy", "segments"]}
+MEDIA_INPUTS = ("image", "first_image", "last_image", "video")  # uploads, as opposed to a tab's settings
 STATE_NAMES = ["job", "llm"]
 # Which input a validation message belongs to, by the words it uses (first match wins).
 _FIELD_WORDS = (("num_frames", ("number of frames", "4k+1", "frames is more")), ("video", ("clip", "video")),

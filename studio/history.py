@@ -72,7 +72,8 @@ def read_recipe(path: str | Path) -> dict:
 
 
 def settings_from_recipe(recipe: dict) -> dict:
-    """The shared control values that reproduce a recipe (names as in SharedControls), plus its mode."""
+    """The control values that reproduce a recipe (names as in SharedControls and handlers.TAB_NAMES), plus its
+    mode."""
     options = recipe.get("options") or {}
     prompt = recipe.get("prompt") or {}
     motion = options.get("motion_score")
@@ -86,6 +87,12 @@ def settings_from_recipe(recipe: dict) -> dict:
         "num_steps": options.get("num_steps"), "guidance": options.get("guidance"),
         "guidance_img": options.get("guidance_img"), "seed": recipe.get("seed", options.get("seed")),
         "randomize_seed": False,
+        # the prompt above is what ran: a refined prompt left ticked from earlier must not replace it
+        "refined_prompt": "", "use_refined": False,
+        # the tab's own settings (their media are not reloaded)
+        "image_first": options.get("image_first"), "image_position": options.get("i2v_position"),
+        "direction": options.get("extend_direction"), "easy": options.get("extend_easy"),
+        "segments": options.get("segments"),
     }
     if prompt.get("refined") and not prompt.get("per_segment"):  # (per-segment runs refined each piece apart)
         values["refined_prompt"], values["use_refined"] = prompt["refined"], True

@@ -12,7 +12,8 @@ from pipelines.options import OptionsError
 from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.export import video_to_gif
-from studio.handlers import make_generate, make_precheck, make_validator, refine, stop_job, status_html
+from studio.handlers import (MEDIA_INPUTS, TAB_NAMES, make_generate, make_precheck, make_validator, refine, stop_job,
+                             status_html)
 from studio.history import gallery_value, list_history, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
 from studio.media_info import image_size, video_size
@@ -77,9 +78,13 @@ def _build_outputs() -> dict:
             "preview": preview, "recipe": recipe}
 
 
-def _wire_history(demo, shared: SharedControls, tabs_component, parts: dict, settings: StudioSettings, video):
+def _wire_history(demo, shared: SharedControls, tabs_component, tab_list, mode_state, parts: dict,
+                  settings: StudioSettings, video):
     gallery, paths_state, selected, recipe_view, load = (parts[k] for k in ("gallery", "paths", "selected",
                                                                             "recipe", "load"))
+    # The tabs' own settings (image first, image position, direction, easy, segments): not their media.
+    tab_settings = [(name, component) for tab in tab_list
+                    for name, component in zip(TAB_NAMES[tab.mode], tab.inputs) if name not in MEDIA_INPUTS]
 
     def refresh():
         items = list_history(settings.output_dir, settings.history_limit)
@@ -96,16 +101,19 @@ def _wire_history(demo, shared: SharedControls, tabs_component, parts: dict, set
     def load_settings(path):
         if not path:
             gr.Warning("Select a result in the gallery first.")
-            return [gr.skip()] * (len(SharedControls.__dataclass_fields__) + 1)
+            return [gr.skip()] * (len(SharedControls.__dataclass_fields__) + 2 + len(tab_settings))
         values = settings_from_recipe(read_recipe(path))
         updates = [values.get(name, gr.skip()) for name in SharedControls.__dataclass_fields__]
         mode = values.get("mode")
-        return updates + [gr.Tabs(selected=mode) if mode else gr.skip()]
+        return (updates + [gr.Tabs(selected=mode) if mode else gr.skip(), mode or gr.skip()]
+                + [values.get(name, gr.skip()) for name, _ in tab_settings])
 
     parts["refresh"].click(refresh, None, [gallery, paths_state], queue=False, api_visibility="private")
     # Selecting a result also puts it in the player, so it can be downloaded or sent to Extend.
     gallery.select(on_select, paths_state, [recipe_view, selected, video], queue=False, api_visibility="private")
-    load.click(load_settings, selected, shared.inputs() + [tabs_component], api_visibility="private")
+    load.click(load_settings, selected,
+               shared.inputs() + [tabs_component, mode_state] + [component for _, component in tab_settings],
+               api_visibility="private")
     demo.load(refresh, None, [gallery, paths_state], queue=False, api_visibility="private")
     return refresh
 
@@ -150,7 +158,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
         shared = SharedControls(**prompt_parts, **settings_parts)
         wire_settings(preset, shared, duration)
         wire_estimate(pool, shared, panels)
-        refresh_history = _wire_history(demo, shared, tabs, history, settings, out["video"])
+        refresh_history = _wire_history(demo, shared, tabs, tab_list, mode_state, history, settings, out["video"])
         ui = SimpleNamespace(tabs=tabs, tab_list=tab_list, shared=shared, out=out, panels=panels, history=history,
                              refresh_history=refresh_history, job=job_state, llm=llm_state, mode=mode_state,
                              refine=refine_ctl)

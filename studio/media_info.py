@@ -26,17 +26,26 @@ def count_video_frames(path: str | Path) -> int:
         raise OptionsError(f"cannot read the clip {Path(path).name}: {exc}") from None
 
 
+# EXIF orientations that turn the picture a quarter (phones store portrait shots sideways plus this flag)
+_QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image file."""
+    """(height, width) of an image file as it is shown (EXIF orientation applied, as the engine does)."""
     with Image.open(path) as image:
-        return image.height, image.width
+        turned = image.getexif().get(0x0112) in _QUARTER_TURN_ORIENTATIONS
+        return (image.width, image.height) if turned else (image.height, image.width)
 
 
 def video_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of a clip's first video stream."""
+    """(height, width) of a clip's first video stream as players show it (its rotation applied, as the engine
+    does)."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        return stream.codec_context.height, stream.codec_context.width
+        height, width = stream.codec_context.height, stream.codec_context.width
+        first = next(container.decode(stream), None)
+        turned = first is not None and round((first.rotation or 0) / 90) % 2 == 1
+        return (width, height) if turned else (height, width)
 
 
 def video_thumbnail(path: str | Path, max_side: int = 192) -> np.ndarray:

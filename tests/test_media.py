@@ -63,6 +63,15 @@ def test_video_round_trip_keeps_count_size_fps_and_is_browser_h264(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
 
 
+def test_read_video_resizes_each_frame_as_it_decodes(tmp_path):
+    path = write_video(make_frames(t=5), tmp_path / "clip.mp4", fps=24)
+    whole, _ = read_video(path)
+    small, fps = read_video(path, size=(16, 16))
+    assert small.shape == (3, 5, 16, 16) and fps == pytest.approx(24.0)
+    # the same pixels as resizing the decoded clip, up to the uint8 rounding of each resized frame
+    assert (small - media.resize_crop(whole, 16, 16)).abs().max() <= 1 / 127.5 + 1e-6
+
+
 def test_read_video_max_frames_takes_head_or_tail(tmp_path):
     frames = make_frames(t=8)
     path = write_video(frames, tmp_path / "clip.mp4", fps=12)
@@ -246,6 +255,23 @@ def test_read_video_applies_display_rotation(tmp_path):
     frames, _ = read_video(path)
     assert frames.shape == (3, 2, 32, 16)
     assert (probe_video(path).width, probe_video(path).height) == (16, 32)
+    from studio.media_info import video_size
+
+    assert video_size(path) == (32, 16)  # the studio picks the aspect ratio from the upright size too
+
+
+def test_studio_reads_a_phone_photos_upright_size(tmp_path):
+    from PIL import Image
+
+    from studio.media_info import image_size
+
+    sideways = Image.new("RGB", (40, 30))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    sideways.save(tmp_path / "phone.jpg", exif=exif)
+    Image.new("RGB", (40, 30)).save(tmp_path / "plain.jpg")
+    assert image_size(tmp_path / "phone.jpg") == (40, 30) == tuple(media.read_image(tmp_path / "phone.jpg").shape[1:])
+    assert image_size(tmp_path / "plain.jpg") == (30, 40)
 
 
 # ---- resize_crop and conversions ------------------------------------------------------------------------------------

@@ -260,9 +260,36 @@ def test_history_lists_complete_results_newest_first_and_reloads_their_settings(
     values = settings_from_recipe(recipe)
     assert values["mode"] == "i2v" and values["seed"] == 7 and values["randomize_seed"] is False
     segmented = {**recipe, "prompt": {"original": "|0|a|1|b", "refined": "A.", "per_segment": [{}, {}]}}
-    assert settings_from_recipe(segmented)["prompt"] == "|0|a|1|b" and "refined_prompt" not in settings_from_recipe(
-        segmented)
+    assert settings_from_recipe(segmented)["prompt"] == "|0|a|1|b" and settings_from_recipe(
+        segmented)["refined_prompt"] == ""
     assert values["motion_score"] == "3" and values["negative_prompt"] == "blur" and values["num_frames"] == 33
+    assert values["refined_prompt"] == "" and values["use_refined"] is False  # a stale refined prompt is cleared
+    extended = {**recipe, "mode": "extend", "options": {**recipe["options"], "extend_direction": "backward",
+                                                         "extend_easy": True, "segments": 3, "i2v_position": "tail"}}
+    values = settings_from_recipe(extended)
+    assert (values["direction"], values["easy"], values["segments"], values["image_position"]) == ("backward", True,
+                                                                                                   3, "tail")
+
+
+def test_load_these_settings_fills_every_wired_output_and_the_mode(tmp_path):
+    import gradio as gr
+
+    from studio import StudioSettings, build_demo
+
+    demo = build_demo(EnginePool([FakeEngine()]), StudioSettings(output_dir=tmp_path))
+    button = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "load-settings")
+    fn = next(f for f in demo.fns.values() if any(target[0] == button._id for target in f.targets))
+    recipe = {"mode": "extend", "seed": 5, "prompt": {"original": "a ball", "negative": "", "refined": None},
+              "options": {"num_frames": 69, "fps": 24, "extend_direction": "backward", "extend_easy": False,
+                          "segments": 2}}
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    values = fn.fn(str(tmp_path / "r.json"))
+    assert len(values) == len(fn.outputs)
+    by_id = {block._id: value for block, value in zip(fn.outputs, values)}
+    labelled = {getattr(block, "label", None): by_id[block._id] for block in fn.outputs}
+    assert labelled["Segments"] == 2 and "extend" in by_id.values()  # the tab's slider, and the session's mode
+    assert any(isinstance(value, gr.Tabs) for value in values)
+    assert len(fn.fn(None)) == len(fn.outputs)  # nothing selected: a warning, and nothing changes
 
 
 def test_units_read_well():
