@@ -2,7 +2,8 @@
 
 CSV columns (like upstream's inference script): text (required), ref (optional; `a.png;b.png` for a two-image
 loop), neg, name, cond_type (t2v, i2v_head, i2v_tail, i2v_loop, v2v_head, v2v_tail, *_easy).
-Exits non-zero with a clear message on bad input.
+Every row and its reference files are checked before the first one runs (exit 2 with the row's problem); a row
+that fails while running is reported and the rest still run (exit 1 at the end).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def read_rows(args) -> list[dict]:
                  "cond_type": args.cond_type}]
     if not args.csv.is_file():
         raise OptionsError(f"CSV file not found: {args.csv}")
-    with args.csv.open(newline="", encoding="utf-8") as f:
+    with args.csv.open(newline="", encoding="utf-8-sig") as f:  # (-sig: Excel starts its CSVs with a BOM)
         rows = list(csv.DictReader(f))
     if not rows or "text" not in rows[0]:
         raise OptionsError(f"{args.csv} needs a header with a `text` column")
@@ -93,23 +94,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pipelines.engine import Engine
         from pipelines.presets import get_preset
+        from pipelines.stages import check_references
 
         rows = read_rows(args)
         engine = Engine(get_preset(args.preset, args.weights_dir), device=args.device, offload=args.offload,
                         compile=args.compile, output_dir=args.out)
         requests = [row_options(row, args) for row in rows]
-        for options in requests:
-            engine.check(options)  # every row is checked before the first one runs
+        for i, options in enumerate(requests, 1):  # every row, and its references, before the first one runs
+            try:
+                resolved = engine.check(options)
+                check_references(resolved.cond_type, resolved.references)
+            except (ValueError, OSError) as exc:
+                raise OptionsError(f"row {i}: {exc}" if len(requests) > 1 else str(exc)) from None
         if not engine.preset.trained:
             print(f"note: preset {engine.preset.name} holds untrained weights", file=sys.stderr)
-        for i, options in enumerate(requests, 1):
-            result = engine.run(options)
-            for warning in result.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
-            print(f"[{i}/{len(requests)}] {result.video_path} (seed {result.seed}, recipe {result.recipe_path.name})")
     except (ValueError, OSError, MemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    failed = 0
+    for i, options in enumerate(requests, 1):
+        try:
+            result = engine.run(options)
+        except (ValueError, OSError, MemoryError) as exc:  # one row failing does not cost the rows after it
+            failed += 1
+            print(f"[{i}/{len(requests)}] error: {exc}", file=sys.stderr)
+            continue
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"[{i}/{len(requests)}] {result.video_path} (seed {result.seed}, recipe {result.recipe_path.name})")
+    if failed:
+        print(f"error: {failed} of {len(requests)} rows failed", file=sys.stderr)
+        return 1
     return 0
 
 

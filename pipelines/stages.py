@@ -49,14 +49,29 @@ def load_reference_pixels(cond_type: str, paths: tuple[str, ...], height: int, w
                                  "use two images of the same size")
         images = [resize_crop(image, height, width)[:, None] for image in originals]  # each (3, 1, H, W)
         return ReferencePixels(head=images[0] if spec.head else None, tail=images[-1] if spec.tail else None)
-    info = probe_video(paths[0])
-    if info.frames < spec.video_frames:
-        raise MediaError(f"the clip has {info.frames} frames; extending needs at least {spec.video_frames}")
+    _probe_clip(paths[0], spec.video_frames)
     clip, fps = read_video(paths[0], size=(height, width))
     if clip.shape[1] < spec.video_frames:
         raise MediaError(f"only {clip.shape[1]} frames of the clip could be decoded; extending needs "
                          f"{spec.video_frames}")
     return clip_references(cond_type, clip, fps)
+
+
+def check_references(cond_type: str, paths: tuple[str, ...]) -> None:
+    """Open the references a condition needs without encoding them (images decoded, a clip probed), so a batch
+    refuses a bad row before the first one runs; raises MediaError / ValueError like `load_reference_pixels`."""
+    spec = reference_spec(cond_type)
+    if spec.kind == "image":
+        for path in paths:
+            read_image(path)
+    elif spec.kind == "video":
+        _probe_clip(paths[0], spec.video_frames)
+
+
+def _probe_clip(path: str, needed: int) -> None:
+    info = probe_video(path)
+    if info.frames < needed:
+        raise MediaError(f"the clip has {info.frames} frames; extending needs at least {needed}")
 
 
 def clip_references(cond_type: str, clip: Tensor, source_fps: float | None = None) -> ReferencePixels:
