@@ -56,18 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pick_devices(choice: str) -> list[str | None]:
-    """One device per engine: every CUDA GPU for 'auto', otherwise the listed ones."""
-    import torch
-
-    if choice == "auto":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [f"cuda:{i}" for i in range(count)] or [None]
-    return [part.strip() for part in choice.split(",") if part.strip()]
-
-
 def create_pool(args: argparse.Namespace, settings: StudioSettings) -> EnginePool:
     """Build and load one engine per device (the heavy part: run once, not on every reload)."""
+    from pipelines.components import pick_devices
     from pipelines.engine import Engine
     from pipelines.presets import get_preset
 

@@ -33,13 +33,30 @@ class Components:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA when present (or asked for), else CPU."""
+    """CUDA when present (or asked for), else CPU; a clear ValueError for anything else."""
     if requested and requested != "auto":
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"unknown device {requested!r}: use cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {requested!r} is not supported: use cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA was requested but no GPU is available; use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"there is no {requested}: this machine has {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_devices(choice: str) -> list[str | None]:
+    """One device per engine (the studio's --device): every CUDA GPU for 'auto' (None: the CPU when there is
+    none), otherwise the comma-separated ones, each once."""
+    if choice == "auto":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] or [None]
+    return list(dict.fromkeys(part.strip() for part in choice.split(",") if part.strip()))
 
 
 def pick_dtype(device: torch.device, official: bool) -> torch.dtype:

@@ -61,35 +61,16 @@ def test_cli_bad_input_exits_non_zero_with_a_message(tiny_registry, tmp_path, ca
     assert "4k+1" in capsys.readouterr().err
     assert generate.main(["--csv", str(tmp_path / "missing.csv")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert generate.main(["--prompt", "x", "--device", "gpu", "--out", str(tmp_path)]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+    assert generate.main(["--prompt", "x", "--device", "mps", "--out", str(tmp_path)]) == 2
+    assert "not supported" in capsys.readouterr().err
 
 
-def test_cli_refuses_a_bad_reference_in_any_row_before_running_and_reads_excel_csvs(tiny_registry, tmp_path,
-                                                                                      capsys):
-    table = tmp_path / "prompts.csv"
-    rows = "text,ref,cond_type\na red box,,t2v\na red box,missing.png,i2v_head\n"
-    table.write_text("\ufeff" + rows, encoding="utf-8")  # Excel's byte-order mark before the header
-    assert generate.main(["--csv", str(table), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "row 2" in err and "not found" in err and not (tmp_path / "out").exists()  # row 1 never ran
+def test_app_lists_each_device_once():
+    from pipelines.components import pick_devices
 
-
-def test_cli_a_row_failing_while_running_leaves_the_others(tiny_registry, tmp_path, capsys, monkeypatch):
-    from pipelines.engine import Engine
-
-    run = Engine.run
-
-    def flaky(self, options, *args, **kwargs):
-        if options.prompt == "boom":
-            raise MemoryError("out of memory")
-        return run(self, options, *args, **kwargs)
-
-    monkeypatch.setattr(Engine, "run", flaky)
-    table = tmp_path / "prompts.csv"
-    table.write_text("text\nboom\na red box\n")
-    assert generate.main(["--csv", str(table), "--out", str(tmp_path / "out"), "--seed", "1"]) == 1
-    captured = capsys.readouterr()
-    assert "[1/2] error: out of memory" in captured.err and "1 of 2 rows failed" in captured.err
-    assert "[2/2]" in captured.out and len(list((tmp_path / "out").glob("*.mp4"))) == 1
+    assert pick_devices("cuda:0, cuda:1,cuda:0") == ["cuda:0", "cuda:1"] and pick_devices("cpu") == ["cpu"]
 
 
 def test_unknown_preset_is_a_clear_error():
