@@ -23,7 +23,7 @@ from pipelines.memory import (MemoryStats, ParamStats, PeakRSSSampler, available
 from pipelines.memory_estimate import MemoryEstimate, estimate_memory
 from pipelines.options import MAX_SEED, GenerationOptions, ResolvedOptions, resolve_options, with_seed
 from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
-from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
+from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_kind, refine_prompt
 from pipelines.sampling import DenoiseCounter, GenerationStopped, StepInfo
 from pipelines.saving import SavedResult, save_result
 from pipelines.stages import (ReferencePixels, clip_references, decode_video, encode_references, encode_text,
@@ -327,8 +327,9 @@ class Engine:
         refined, motion = None, opts.motion_score
         if opts.refine:
             self._stage("refine", "Refining the prompt with the LLM", emit, stop)
-            kind = "i2v" if opts.cond_type.startswith("i2v") else "t2v"
-            outcome = refine_prompt(prompt, kind, self.llm, image_path=opts.references[0] if kind == "i2v" else None)
+            kind = refine_kind(opts.cond_type)
+            outcome = refine_prompt(prompt, kind, self.llm,
+                                    image_path=opts.references[0] if kind.startswith("i2v") else None)
             if outcome.ok:
                 prompt = refined = outcome.refined
             else:

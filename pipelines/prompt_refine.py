@@ -29,8 +29,8 @@ DEFAULT_MODEL = "gpt-4o"
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Local servers (Ollama, vLLM, llama.cpp) accept any key, but the client refuses to start without one.
 _PLACEHOLDER_KEY = "not-needed"
-REFINE_KINDS = ("t2v", "t2i", "i2v")
-RefineKind = Literal["t2v", "t2i", "i2v"]
+REFINE_KINDS = ("t2v", "t2i", "i2v", "i2v_tail")  # i2v: the image is the first frame; i2v_tail: the last
+RefineKind = Literal["t2v", "t2i", "i2v", "i2v_tail"]
 # The studio's motion slider runs 1..7 because the Shapes-world default is trained on scores 1 (still) to 7
 # (fastest); upstream's scale goes to 15, so answers up to 15 are still read, then capped at 7.
 MOTION_SCORE_MIN, MOTION_SCORE_MAX = 1, 7
@@ -53,7 +53,18 @@ _SYSTEM_PROMPTS: dict[str, str] = {
     "i2v": "You write a caption for an image-to-video model. The attached image is the first frame. Describe that "
     "scene directly (what is where, colours, background) and how it moves next, following the user's text. "
     + _STYLE_RULES,
+    "i2v_tail": "You write a caption for an image-to-video model. The attached image is the last frame: the video "
+    "ends on it. Describe that scene (what is where, colours, background) and the motion that leads up to it, "
+    "following the user's text. " + _STYLE_RULES,
 }
+
+
+def refine_kind(cond_type: str) -> RefineKind:
+    """The refinement a condition type asks for: the image as first frame (i2v_head, and the loop, which starts
+    on it), as last frame (i2v_tail), or none (t2v, extension)."""
+    if cond_type == "i2v_tail":
+        return "i2v_tail"
+    return "i2v" if cond_type.startswith("i2v") else "t2v"
 _MOTION_SYSTEM_PROMPT = (
     "Rate how much motion a video described by the user should have, on a scale from 1 to 7: 1 means nothing "
     "moves, 2 very slow drift, 4 a steady walk-like pace, 7 very fast motion. Reply with the integer only."
@@ -141,23 +152,24 @@ def image_to_data_url(path: str | os.PathLike, max_side: int = MAX_IMAGE_SIDE) -
 def build_refine_messages(prompt: str, kind: RefineKind, image_url: str | None = None) -> list[dict]:
     """Return the chat messages for one refinement request (the image goes in an ``image_url`` part)."""
     user_text = f"User idea: {prompt.strip() or '(none: describe the image)'}"
-    if kind != "i2v":
+    if not kind.startswith("i2v"):
         return [{"role": "system", "content": _SYSTEM_PROMPTS[kind]}, {"role": "user", "content": user_text}]
     parts = [{"type": "text", "text": user_text}, {"type": "image_url", "image_url": {"url": image_url}}]
-    return [{"role": "system", "content": _SYSTEM_PROMPTS["i2v"]}, {"role": "user", "content": parts}]
+    return [{"role": "system", "content": _SYSTEM_PROMPTS[kind]}, {"role": "user", "content": parts}]
 
 
 def refine_prompt(
     prompt: str, kind: RefineKind, config: LLMConfig, image_path: str | os.PathLike | None = None
 ) -> RefineResult:
-    """Ask the LLM for a more descriptive prompt; ``i2v`` also sends the image to a vision model."""
+    """Ask the LLM for a more descriptive prompt; ``i2v`` / ``i2v_tail`` also send the image to a vision model."""
     if kind not in REFINE_KINDS:
         raise ValueError(f"unknown refinement kind {kind!r}; valid: {', '.join(REFINE_KINDS)}")
-    if kind == "i2v" and image_path is None:
+    with_image = kind.startswith("i2v")
+    if with_image and image_path is None:
         raise ValueError("i2v refinement needs the reference image")
-    if kind != "i2v" and image_path is not None:
+    if not with_image and image_path is not None:
         raise ValueError(f"an image is only sent for i2v refinement, not {kind}")
-    if kind != "i2v" and not prompt.strip():
+    if not with_image and not prompt.strip():
         raise ValueError("the prompt is empty: write a few words to refine")
     if not config.is_configured:
         return RefineResult(prompt, prompt, ok=False, error=_not_configured_message())

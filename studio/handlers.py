@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.options import GenerationOptions, OptionsError
-from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_prompt
+from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_kind, refine_prompt
 from pipelines.text import has_segment_prompts, split_segment_markers
 from pipelines.units import format_seconds
 from studio.controls import AUTO_MOTION, SharedControls, parse_motion
@@ -32,7 +32,8 @@ TAB_NAMES = {"t2v": ["image_first"], "i2v": ["image", "image_position"], "loop":
 MEDIA_INPUTS = ("image", "first_image", "last_image", "video")  # uploads, as opposed to a tab's settings
 STATE_NAMES = ["job", "llm"]
 # Which input a validation message belongs to, by the words it uses (first match wins).
-_FIELD_WORDS = (("num_frames", ("number of frames", "4k+1", "frames is more")), ("video", ("clip", "video")),
+_FIELD_WORDS = (("prompt", ("the prompt is",)),  # (before "video": "the prompt is empty: describe the video ...")
+                ("num_frames", ("number of frames", "4k+1", "frames is more")), ("video", ("clip", "video")),
                 ("prompt", ("per-segment", "the text after |")), ("segments", ("segment",)),
                 ("image", ("image",)), ("num_steps", ("steps",)), ("guidance_img", ("image guidance",)),
                 ("guidance", ("guidance",)), ("seed", ("seed",)), ("fps", ("fps",)), ("motion_score", ("motion",)),
@@ -278,18 +279,20 @@ def stop_job(job: SessionJob) -> str:
     return status_html(JobUpdate(stage="idle", message="Nothing is running; the studio is ready."))
 
 
-def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, server_llm: LLMConfig):
+def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, server_llm: LLMConfig,
+           image_position: str = "head"):
     """Refine the prompt into the separate box; the original is left as it was."""
     config = llm or server_llm
     if not config.is_configured:
         raise gr.Error("No LLM endpoint is configured: open *LLM settings* or start the server with "
                        "OPENAI_API_KEY / OPENSORA_LLM_BASE_URL.", print_exception=False)
     picture = image if mode == "i2v" else (first_image if mode == "loop" else None)
+    kind = refine_kind(f"i2v_{_position(image_position)}" if mode == "i2v" else "i2v_loop") if picture else "t2v"
     pieces = split_segment_markers(prompt or "")  # [(None, prompt)] or [(k, text), ...] for |k| prompts
     refined = []
     for start, piece in pieces:
         try:
-            outcome = refine_prompt(piece, "i2v" if picture else "t2v", config, image_path=picture or None)
+            outcome = refine_prompt(piece, kind, config, image_path=picture or None)
         except ValueError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         if not outcome.ok:

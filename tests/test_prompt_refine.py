@@ -211,3 +211,10 @@ def test_motion_score_request_failures_are_reported(fake_llm):
     fake_llm.behaviour = "http_500"
     score, error = ask_motion_score(PROMPT, make_config(fake_llm))
     assert score is None and "HTTP 500" in error
+
+
+def test_refine_kind_follows_the_condition():
+    from pipelines.prompt_refine import refine_kind
+
+    assert [refine_kind(c) for c in ("t2v", "i2v_head", "i2v_loop", "i2v_tail", "v2v_head")] == [
+        "t2v", "i2v", "i2v", "i2v_tail", "t2v"]

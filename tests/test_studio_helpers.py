@@ -207,6 +207,7 @@ def test_build_options_maps_tab_inputs():
 def test_validation_messages_point_at_the_right_input():
     assert _field_for("segments must be between 1 and 8, got 9", "extend") == "segments"
     assert _field_for("the clip has 9 frames; extending needs at least 33", "extend") == "video"
+    assert _field_for("the prompt is empty: describe the video you want", "extend") == "prompt"
     assert _field_for("set the number of frames to at least 37", "extend") == "num_frames"
     assert _field_for("Image to video needs exactly one image: upload one", "i2v") == "image"
     assert _field_for("the prompt is empty", "t2v") == "prompt"
@@ -243,6 +244,22 @@ def test_refine_fills_the_separate_box_through_an_openai_compatible_server():
         # per-segment prompts: each piece is refined on its own and the markers are kept
         assert refine("|0|a red circle|2|a blue one", "extend", None, None, config, LLMConfig()) == (
             "|0|A red circle glides right.|2|A red circle glides right.", True)
+
+
+
+def test_refine_tells_the_llm_whether_the_image_is_the_first_or_the_last_frame(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "ref.png")
+    image = str(tmp_path / "ref.png")
+    with FakeLLMServer(answer="A red square.") as server:
+        config = LLMConfig(base_url=server.base_url, api_key="sk-test", timeout_s=5)
+        for mode, position in (("i2v", "head"), ("i2v", "tail"), ("loop", "head")):
+            refine("a red square", mode, image if mode == "i2v" else None, image if mode == "loop" else None,
+                   config, LLMConfig(), position)
+        systems = [request.json["messages"][0]["content"] for request in server.requests]
+    assert ["first frame" in text for text in systems] == [True, False, True]
+    assert "last frame" in systems[1]
 
 
 def test_history_lists_complete_results_newest_first_and_reloads_their_settings(tmp_path):
