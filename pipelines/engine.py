@@ -121,6 +121,7 @@ class Engine:
         self._compiled_for: set[tuple] = set()  # (latent shape, condition type) the compiled MMDiT has run
         self.output_dir = Path(output_dir)
         self.llm = llm or LLMConfig.from_env()
+        self._run_llm = self.llm  # the endpoint of the run in progress (a studio session may bring its own)
         self.preview_every = preview_every
         self.state = RunState()
         self._components: Components | None = None
@@ -183,10 +184,13 @@ class Engine:
         return opts if opts.seed is not None else with_seed(opts, secrets.randbelow(2**32))
 
     def run(self, options: GenerationOptions, on_event: EventCallback | None = None,
-            should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+            should_stop: Callable[[], bool] | None = None, llm: LLMConfig | None = None) -> GenerationResult:
+        """Generate and save one request. `llm`: the endpoint for its LLM stages instead of the engine's own
+        (a studio session's settings)."""
         emit = on_event or (lambda event: None)
         opts = self._seeded(options)
         with self._lock:
+            self._run_llm = llm or self.llm
             reset_peak(self.device)
             try:
                 with PeakRSSSampler(device=self.device) as peak:
@@ -211,6 +215,7 @@ class Engine:
         """Run every stage but saving; returns the frames (for evaluation and callers that save elsewhere)."""
         opts = self._seeded(options)
         with self._lock:
+            self._run_llm = self.llm
             try:
                 return self._generate(opts, on_event or (lambda event: None), should_stop or (lambda: False))
             finally:
@@ -328,7 +333,7 @@ class Engine:
         if opts.refine:
             self._stage("refine", "Refining the prompt with the LLM", emit, stop)
             kind = refine_kind(opts.cond_type)
-            outcome = refine_prompt(prompt, kind, self.llm,
+            outcome = refine_prompt(prompt, kind, self._run_llm,
                                     image_path=opts.references[0] if kind.startswith("i2v") else None)
             if outcome.ok:
                 prompt = refined = outcome.refined
@@ -336,7 +341,7 @@ class Engine:
                 warnings.append(f"prompt refinement failed, the original prompt was used: {outcome.error}")
         if motion == "dynamic":
             self._stage("refine", "Asking the LLM for a motion score", emit, stop)
-            score, error = ask_motion_score(prompt, self.llm)
+            score, error = ask_motion_score(prompt, self._run_llm)
             motion = score if score is not None else self.preset.sampling.motion_score
             if error:
                 warnings.append(f"automatic motion score failed ({error}); used {motion}")

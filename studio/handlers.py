@@ -188,7 +188,7 @@ def _progress(progress, update: JobUpdate) -> None:
 def _resolve_motion(options: GenerationOptions, llm: LLMConfig):
     """'auto' motion: ask this session's LLM; fall back to the preset default with a visible warning."""
     if options.motion_score != "dynamic" or has_segment_prompts(options.prompt):
-        return options  # (per-segment prompts: the engine asks for each segment's prompt itself)
+        return options  # (per-segment prompts: the engine asks for each one, through this session's LLM)
     score, error = ask_motion_score(options.prompt, llm) if llm.is_configured else (None, "no LLM configured")
     if score is None:
         gr.Warning(f"Automatic motion score unavailable ({error}); the preset's default was used.")
@@ -197,9 +197,9 @@ def _resolve_motion(options: GenerationOptions, llm: LLMConfig):
     return replace(options, motion_score=score)
 
 
-def _stream(pool, options, job: SessionJob, run_id: int, progress, note: str = ""):
+def _stream(pool, options, job: SessionJob, run_id: int, progress, note: str = "", llm: LLMConfig | None = None):
     """Yield (update, outputs) pairs for one engine run; the last update is done."""
-    for update in run_job(pool, options, job, run_id=run_id):
+    for update in run_job(pool, options, job, run_id=run_id, llm=llm):
         _progress(progress, update)
         preview = update.preview if update.preview is not None else gr.skip()
         yield update, (gr.skip(), gr.skip(), gr.skip(), status_html(update, note), preview)
@@ -229,7 +229,7 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
     try:
         yield gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate(), warning), gr.skip()
         options = _resolve_motion(options, llm)
-        for update, outputs in _stream(pool, options, job, run_id, progress, warning):
+        for update, outputs in _stream(pool, options, job, run_id, progress, warning, llm):
             yield outputs
         yield from _finish(update, started)
     finally:

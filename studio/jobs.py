@@ -158,7 +158,7 @@ def _is_stop(error: BaseException, job: SessionJob, run_id: int) -> bool:
     return type(error).__name__ == "GenerationStopped" or job.should_stop(run_id)
 
 
-def _work(pool: EnginePool, options, job: SessionJob, run_id: int, events: queue.Queue) -> None:
+def _work(pool: EnginePool, options, job: SessionJob, run_id: int, events: queue.Queue, llm=None) -> None:
     engine = None
     try:
         while engine is None:
@@ -166,7 +166,8 @@ def _work(pool: EnginePool, options, job: SessionJob, run_id: int, events: queue
                 raise InterruptedError("stopped while waiting for a free device")
             engine = pool.acquire(timeout=0.5)
         events.put(("device", str(getattr(engine, "device", ""))))
-        result = engine.run(options, on_event=events.put, should_stop=lambda: job.should_stop(run_id))
+        extra = {"llm": llm} if llm is not None else {}  # the session's LLM endpoint for the engine's LLM stages
+        result = engine.run(options, on_event=events.put, should_stop=lambda: job.should_stop(run_id), **extra)
         events.put(_Outcome(result=result))
     except BaseException as exc:  # the UI reports it; the worker thread must never die silently
         events.put(_Outcome(error=exc))
@@ -196,16 +197,18 @@ def _apply(update: JobUpdate, item, job: SessionJob, run_id: int) -> JobUpdate:
 
 
 def run_job(pool: EnginePool, options, job: SessionJob, poll_s: float = 0.2,
-            run_id: int | None = None) -> Iterator[JobUpdate]:
+            run_id: int | None = None, llm=None) -> Iterator[JobUpdate]:
     """Run one request on a free engine in a worker thread and yield updates (several events -> one update).
 
     Stopping: `job.request_stop()` ends the run within one sampling step. If the consumer stops iterating (the
     event was cancelled), the run is asked to stop too, so the engine is never left running for nobody. `run_id`
-    is the number `job.start()` gave this run (default: the session's latest).
+    is the number `job.start()` gave this run (default: the session's latest); `llm` the session's LLM settings
+    for the engine's own LLM stages (per-segment motion scores).
     """
     run = job.run_id if run_id is None else run_id
     events: queue.Queue = queue.Queue()
-    worker = threading.Thread(target=_work, args=(pool, options, job, run, events), name="studio-job", daemon=True)
+    worker = threading.Thread(target=_work, args=(pool, options, job, run, events, llm), name="studio-job",
+                              daemon=True)
     update = JobUpdate()
     worker.start()
     try:

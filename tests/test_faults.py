@@ -124,3 +124,16 @@ def test_no_pickle_based_load_path_anywhere():
                                                                                                       "load"):
                 assert not (isinstance(node.func.value, ast.Name) and node.func.value.id == "pickle"), \
                     f"{path}:{node.lineno} unpickles data"
+
+
+def test_a_run_can_bring_its_own_llm_endpoint(tmp_path):
+    """A studio session's LLM settings reach the engine's LLM stages (here per-segment motion scores)."""
+    with FakeLLMServer(answer="6") as server:
+        session = LLMConfig(base_url=server.base_url, api_key="sk-session", timeout_s=2)
+        engine = Engine(tiny_preset(), output_dir=tmp_path, llm=LLMConfig(), preview_every=0)  # none of its own
+        result = engine.run(GenerationOptions(prompt="a red circle", motion_score="dynamic", seed=1), llm=session)
+        assert len(server.requests) == 1
+    assert result.recipe["options"]["motion_score"] == 6 and not result.warnings
+    later = engine.run(GenerationOptions(prompt="a red circle", motion_score="dynamic", seed=1))
+    assert any("no LLM" in w or "motion score failed" in w for w in later.warnings)  # the next run: back to its own
+

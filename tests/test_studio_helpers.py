@@ -53,7 +53,8 @@ class FakeEngine:
 
         return MemoryEstimate(weights={"mmdit": 1}, stages={"sample": self.need}, device_type="cpu"), self.available
 
-    def run(self, options, on_event, should_stop):
+    def run(self, options, on_event, should_stop, llm=None):
+        self.llm = llm
         on_event(SimpleNamespace(kind="stage", stage="sample", message="Sampling"))
         for step in range(1, self.steps + 1):
             if should_stop():
@@ -135,6 +136,13 @@ def test_stop_ends_the_job_within_a_step_and_frees_the_engine():
         last = update
     assert last.stopped and last.error is None and last.step < 500
     assert pool.try_acquire() is not None
+
+
+def test_the_engine_runs_with_the_sessions_llm_settings():
+    engine = FakeEngine(steps=1)
+    session = LLMConfig(base_url="http://127.0.0.1:9/v1", model="mine")
+    assert list(run_job(EnginePool([engine]), object(), SessionJob(), llm=session))[-1].done
+    assert engine.llm is session
 
 
 def test_stop_then_generate_at_once_still_stops_the_first_run():
