@@ -108,6 +108,15 @@ class RunState:
     extra: dict = field(default_factory=dict)
 
 
+def _frame_rate_warning(source_fps: float | None, fps: int) -> list[str]:
+    """An extension is made and saved at `fps`: a clip recorded at another rate changes speed in the result."""
+    if not source_fps or abs(source_fps - fps) <= 0.01 * fps:
+        return []
+    return [f"the clip plays at {source_fps:.3g} fps but the extension is made and saved at {fps} fps, so the "
+            f"clip's part plays {'slower' if source_fps > fps else 'faster'} than it was; set fps to "
+            f"{round(source_fps)} to keep its speed"]
+
+
 class Engine:
     def __init__(self, preset: ModelPreset | str | None = None, *, device: str | None = None, offload: bool = False,
                  output_dir: str | Path = "outputs", llm: LLMConfig | None = None, preview_every: int = 2,
@@ -273,6 +282,7 @@ class Engine:
                     pixels = clip_references(opts.cond_type, video, pixels.source_fps)
                 elif pixels is None:  # (image-first runs already hold their first frame)
                     pixels = load_reference_pixels(opts.cond_type, opts.references, opts.height, opts.width)
+                    warnings.extend(_frame_rate_warning(pixels.source_fps, opts.fps))
                 raw = self._segment(opts, prompts[segment].text, prompts[segment].negative, pixels, segment, counter,
                                     timings, emit, stop)
             except GenerationStopped:

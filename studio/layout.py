@@ -16,7 +16,7 @@ from studio.handlers import (MEDIA_INPUTS, TAB_NAMES, make_generate, make_preche
                              status_html)
 from studio.history import gallery_value, list_history, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
-from studio.media_info import image_size, video_size
+from studio.media_info import image_size, video_fps, video_size
 from studio.panels import build_panels, memory_markdown, param_rows, wire_estimate
 from studio.settings import StudioSettings
 from studio.tabs import build_extend, build_i2v, build_loop, build_t2v, load_examples
@@ -59,6 +59,19 @@ def _pick_aspect(preset, reader):
             log.info("could not read the upload's size: %s", exc)
             return gr.skip()
     return pick
+
+
+def _pick_fps(path):
+    """An uploaded clip's own frame rate for the FPS slider: an extension saved at another rate would change the
+    clip's speed."""
+    if not path:
+        return gr.skip()
+    try:
+        rate = video_fps(path)
+    except Exception as exc:  # a bad upload is reported when generating
+        log.info("could not read the upload's frame rate: %s", exc)
+        return gr.skip()
+    return min(60, max(1, round(rate))) if rate else gr.skip()
 
 
 def _build_outputs() -> dict:
@@ -196,6 +209,8 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
             reader = video_size if tab.mode == "extend" else image_size
             upload.upload(_pick_aspect(pool.preset, reader), upload, shared.aspect_ratio, queue=False,
                           api_visibility="private")
+            if tab.mode == "extend":
+                upload.upload(_pick_fps, upload, shared.fps, queue=False, api_visibility="private")
     return events
 
 

@@ -48,6 +48,14 @@ def video_size(path: str | Path) -> tuple[int, int]:
         return (width, height) if turned else (height, width)
 
 
+def video_fps(path: str | Path) -> float:
+    """A clip's average frame rate (0 when the container does not say)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        return float(rate) if rate else 0.0
+
+
 def video_thumbnail(path: str | Path, max_side: int = 192) -> np.ndarray:
     """The first frame of a clip as uint8 (H, W, 3), at most max_side pixels (browsers paint no <video> poster)."""
     path = Path(path)

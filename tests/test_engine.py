@@ -98,6 +98,14 @@ def test_extend_forward_keeps_the_clip_and_adds_frames(engine, clip_path):
     assert recipe["cond_type"] == "v2v_head"
     original, new = read_video(clip_path)[0], read_video(result.video_path)[0]
     assert (original - new[:, :41]).abs().mean() < 0.05  # the given frames are kept (up to H.264 re-encoding)
+    assert any("plays at 8 fps" in w and "set fps to 8" in w for w in result.warnings)  # saved at 24: faster
+
+
+def test_frame_rate_warning_only_when_the_rates_differ():
+    from pipelines.engine import _frame_rate_warning
+
+    assert _frame_rate_warning(None, 24) == [] and _frame_rate_warning(23.976, 24) == []
+    assert "plays slower" in _frame_rate_warning(30.0, 24)[0] and "plays faster" in _frame_rate_warning(8.0, 24)[0]
 
 
 def test_extend_backward(engine, clip_path):

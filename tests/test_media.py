@@ -255,9 +255,10 @@ def test_read_video_applies_display_rotation(tmp_path):
     frames, _ = read_video(path)
     assert frames.shape == (3, 2, 32, 16)
     assert (probe_video(path).width, probe_video(path).height) == (16, 32)
-    from studio.media_info import video_size
+    from studio.media_info import video_fps, video_size
 
     assert video_size(path) == (32, 16)  # the studio picks the aspect ratio from the upright size too
+    assert video_fps(path) == pytest.approx(8.0)  # ... and Extend's FPS from the clip's own rate
 
 
 def test_studio_reads_a_phone_photos_upright_size(tmp_path):
