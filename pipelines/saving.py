@@ -27,7 +27,6 @@ from pipelines.media import write_png, write_video
 
 logger = logging.getLogger(__name__)
 
-MEDIA_SUFFIXES = (".mp4", ".png")
 _LOCK_SUFFIX = ".lock"
 _MAX_NAME_BYTES = 120  # a stem plus this stays well under the 255-byte file-name limit of common filesystems
 _MAX_COMMENT_CHARS = 4096
@@ -52,11 +51,6 @@ class SavedResult:
 
     video_path: Path
     recipe_path: Path
-
-    @property
-    def is_image(self) -> bool:
-        """True when the result is a single frame saved as PNG."""
-        return self.video_path.suffix == ".png"
 
 
 def sanitize_name(text: str, max_len: int = 60) -> str:
@@ -220,7 +214,7 @@ def save_result(
             written.append(write_png(frames, media_path, metadata={"Comment": comment}))
         else:
             written.append(write_video(frames, media_path, fps, metadata={"comment": comment}))
-        # The JSON goes last: its presence is what makes a result complete for list_results.
+        # The JSON goes last: its presence is what makes a result complete (pipelines.results.list_results).
         written.append(write_json_atomic(clean, recipe_path))
     except OSError as exc:
         for path in written:
@@ -256,29 +250,3 @@ def _explain_save_error(exc: OSError, out_dir: Path) -> str:
     }
     reason = reasons.get(exc.errno, "permission denied")
     return f"Cannot save to {out_dir}: {reason}. Choose another output folder."
-
-
-def list_results(out_dir: str | os.PathLike, limit: int = 50) -> list[SavedResult]:
-    """Complete results (media + JSON) in out_dir, newest first; temp and partial files are ignored."""
-    if not isinstance(limit, int) or limit < 0:
-        raise ValueError(f"limit must be a non-negative integer, got {limit!r}.")
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return []
-    found: list[tuple[int, str, SavedResult]] = []
-    with os.scandir(out_dir) as entries:
-        names = {entry.name for entry in entries if entry.is_file() and not entry.name.startswith(".")}
-    for file_name in names:
-        if not file_name.endswith(".json") or ".partial." in file_name:
-            continue
-        stem = file_name[: -len(".json")]
-        media = next((f"{stem}{suffix}" for suffix in MEDIA_SUFFIXES if f"{stem}{suffix}" in names), None)
-        if media is None:
-            continue
-        try:
-            mtime = (out_dir / file_name).stat().st_mtime_ns
-        except FileNotFoundError:  # deleted while we looked
-            continue
-        found.append((mtime, stem, SavedResult(out_dir / media, out_dir / file_name)))
-    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-    return [result for _, _, result in found[:limit]]

@@ -1,56 +1,22 @@
 """This server's results as a gallery, with 'load these settings' to reproduce one.
 
-Results are `<stem>.mp4|.png` + `<stem>.json` pairs written by the engine (pipelines.saving). They are listed here
-directly, since pipelines.saving imports torch and the studio must not.
+Results are `<stem>.mp4|.png` + `<stem>.json` pairs written by the engine (pipelines.saving) and found by
+pipelines.results (no torch, which the studio never imports).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import av
 
+from pipelines.results import ResultFiles
 from studio.media_info import video_thumbnail
 
 log = logging.getLogger(__name__)
-MEDIA_SUFFIXES = (".mp4", ".png")
-
-
-@dataclass(frozen=True)
-class HistoryItem:
-    media: Path
-    recipe: Path
-
-
-def list_history(out_dir: str | Path, limit: int = 24) -> list[HistoryItem]:
-    """Complete results (media and recipe) in out_dir, newest first; hidden and partial files are skipped."""
-    folder = Path(out_dir)
-    if not folder.is_dir():
-        return []
-    with os.scandir(folder) as entries:
-        names = {e.name for e in entries if e.is_file() and not e.name.startswith(".")}
-    found = []
-    for name in names:
-        if not name.endswith(".json") or ".partial." in name:
-            continue
-        stem = name[:-len(".json")]
-        media = next((stem + s for s in MEDIA_SUFFIXES if stem + s in names), None)
-        if media is None:
-            continue
-        try:
-            mtime = (folder / name).stat().st_mtime_ns
-        except FileNotFoundError:
-            continue
-        found.append((mtime, stem, HistoryItem(folder / media, folder / name)))
-    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-    return [item for _, _, item in found[:limit]]
-
-
-def gallery_value(items: list[HistoryItem]) -> list[tuple]:
+def gallery_value(items: list[ResultFiles]) -> list[tuple]:
     """(thumbnail, caption) pairs for gr.Gallery: PNG results as they are, videos as their first frame."""
     value = []
     for item in items:

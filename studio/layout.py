@@ -14,7 +14,8 @@ from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, 
 from studio.export import video_to_gif
 from studio.handlers import (MEDIA_INPUTS, TAB_NAMES, make_generate, make_precheck, make_validator, refine, stop_job,
                              status_html)
-from studio.history import gallery_value, list_history, read_recipe, settings_from_recipe
+from pipelines.results import list_results
+from studio.history import gallery_value, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
 from studio.media_info import image_size, video_fps, video_size
 from studio.panels import build_panels, memory_markdown, param_rows, wire_estimate
@@ -100,7 +101,7 @@ def _wire_history(demo, shared: SharedControls, tabs_component, tab_list, mode_s
                     for name, component in zip(TAB_NAMES[tab.mode], tab.inputs) if name not in MEDIA_INPUTS]
 
     def refresh():
-        items = list_history(settings.output_dir, settings.history_limit)
+        items = list_results(settings.output_dir, settings.history_limit)
         value = gallery_value(items)
         shown = {caption for _, caption in value}
         return value, [(str(item.recipe), str(item.media)) for item in items if item.media.stem in shown]

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pipelines import media, saving
+from pipelines.results import ResultFiles, list_results
 from pipelines.saving import (
     SavedResult,
     SaveError,
-    list_results,
     redact_secrets,
     release_output_stem,
     sanitize_name,
@@ -171,12 +171,12 @@ def test_save_result_writes_video_and_redacted_recipe(tmp_path):
     assert "sk-secret" not in result.video_path.read_bytes().decode("latin-1")
     frames, fps = media.read_video(result.video_path)
     assert frames.shape == (3, 4, 16, 16) and fps == pytest.approx(24)
-    assert not result.is_image
+    assert result.video_path.suffix == ".mp4"
 
 
 def test_save_result_writes_png_for_one_frame(tmp_path):
     result = save_result(clip(t=1), tmp_path, {"prompt": "x"}, fps=24, mode="t2i", seed=0)
-    assert result.video_path.suffix == ".png" and result.is_image
+    assert result.video_path.suffix == ".png"
     assert media.read_image(result.video_path).shape == (3, 16, 16)
 
 
@@ -215,7 +215,7 @@ def test_list_results_newest_first_and_ignores_partial_files(tmp_path):
     (tmp_path / "20260101-000000_t2v_s8.mp4").write_bytes(b"x")  # video without its recipe: incomplete
     (tmp_path / "20260101-000000_t2v_s7.json").write_text("{}")  # recipe without its video
     (tmp_path / "notes.txt").write_text("hi")
-    assert list_results(tmp_path) == [new, old]
-    assert list_results(tmp_path, limit=1) == [new]
+    assert list_results(tmp_path) == [ResultFiles(r.video_path, r.recipe_path) for r in (new, old)]
+    assert [r.media for r in list_results(tmp_path, limit=1)] == [new.video_path]
     assert list_results(tmp_path / "missing") == []
     assert isinstance(new, SavedResult)

@@ -16,7 +16,8 @@ from pipelines.prompt_refine import LLMConfig
 from studio.controls import (aspect_choices, aspect_for_image, duration_text, frames_from_seconds, llm_status,
                              parse_motion, session_llm)
 from studio.handlers import _field_for, build_options, refine, stop_job
-from studio.history import list_history, settings_from_recipe
+from pipelines.results import list_results
+from studio.history import settings_from_recipe
 from studio.jobs import EnginePool, SessionJob, run_job
 from pipelines.units import format_bytes, format_count, format_seconds
 from tests.fake_llm import FakeLLMServer
@@ -280,7 +281,7 @@ def test_history_lists_complete_results_newest_first_and_reloads_their_settings(
         time.sleep(0.01)
     (tmp_path / "orphan.json").write_text("{}")
     (tmp_path / ".c.partial.json").write_text("{}")
-    items = list_history(tmp_path)
+    items = list_results(tmp_path)
     assert [item.media.name for item in items] == ["b.mp4", "a.mp4"]
     values = settings_from_recipe(recipe)
     assert values["mode"] == "i2v" and values["seed"] == 7 and values["randomize_seed"] is False
