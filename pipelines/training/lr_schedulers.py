@@ -96,13 +96,14 @@ def create_lr_scheduler(
     warmup_steps: int | None = None,
     use_cosine_scheduler: bool = False,
     initial_lr: float = 1e-6,
+    eta_min: float = 0.0,
 ) -> LRScheduler | None:
-    """None without warmup or cosine; cosine over epochs·steps if asked; else `LinearWarmupLR`."""
+    """None without warmup or cosine; cosine (to `eta_min`) over epochs·steps if asked; else `LinearWarmupLR`."""
     if use_cosine_scheduler:
         if num_steps_per_epoch <= 0 or epochs <= 0:
             raise ValueError("a cosine schedule needs positive num_steps_per_epoch and epochs")
         return CosineAnnealingWarmupLR(
-            optimizer, total_steps=num_steps_per_epoch * epochs, warmup_steps=warmup_steps or 0
+            optimizer, total_steps=num_steps_per_epoch * epochs, warmup_steps=warmup_steps or 0, eta_min=eta_min
         )
     if warmup_steps is None:
         return None

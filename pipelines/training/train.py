@@ -34,7 +34,7 @@ from pipelines.training.ema import create_ema, update_ema
 from pipelines.training.latent_pool import TextCache, build_latent_pool
 from pipelines.training.losses import (dropout_condition, edge_loss, flow_interpolate, flow_target, get_batch_loss,
                                        sample_timesteps)
-from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, LinearWarmupLR
+from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, create_lr_scheduler
 from pipelines.training.reporting import format_duration, log_cuda_memory, log_model_params
 from pipelines.training.shapes import ShapesDataset, object_pixels
 from pipelines.training.train_config import TrainConfig, config_to_dict, load_train_config
@@ -221,10 +221,13 @@ class DiTStage:
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
 def build_scheduler(optimizer, cfg: TrainConfig):
-    if cfg.optim.cosine:
-        return CosineAnnealingWarmupLR(optimizer, total_steps=cfg.steps, warmup_steps=min(cfg.optim.warmup_steps,
-                                       cfg.steps), eta_min=cfg.optim.min_lr)
-    return LinearWarmupLR(optimizer, initial_lr=0.0, warmup_steps=cfg.optim.warmup_steps)
+    """The seed's `create_lr_scheduler` over this run's steps (one "epoch"): cosine to `min_lr` after a linear
+    warm-up from 0, or the warm-up alone."""
+    cosine = cfg.optim.cosine
+    return create_lr_scheduler(optimizer, num_steps_per_epoch=cfg.steps, epochs=1,
+                               warmup_steps=min(cfg.optim.warmup_steps, cfg.steps) if cosine
+                               else cfg.optim.warmup_steps,
+                               use_cosine_scheduler=cosine, initial_lr=0.0, eta_min=cfg.optim.min_lr)
 
 
 class StepBudget:

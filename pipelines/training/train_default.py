@@ -42,11 +42,6 @@ DESCRIPTION = ("Tiny Open-Sora-style model trained on the procedural Shapes worl
                "one coloured circle, square or triangle moving left/right/up/down or still on a plain background.")
 
 
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8, same layout."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 @torch.no_grad()
 def round_trip(vae: CausalVAE, clip: np.ndarray) -> np.ndarray:
     """A uint8 clip (T, H, W, 3) through the VAE (encode, decode) and back to uint8 (T, H, W, 3), on the VAE's
@@ -62,6 +57,7 @@ def round_trip(vae: CausalVAE, clip: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def measure_vae(vae: CausalVAE, clips: int = 16, num_frames: int = 33, seed: int = 1234) -> dict:
     """Latent mean/std of the *unscaled* posterior mean, and reconstruction PSNR (whole clip, first frame)."""
+    from pipelines.media import to_uint8_frames
     from pipelines.training.judge import psnr
     from pipelines.training.shapes import ShapesDataset
 
@@ -72,9 +68,9 @@ def measure_vae(vae: CausalVAE, clips: int = 16, num_frames: int = 33, seed: int
     z = z / cfg.scale_factor + cfg.shift_factor  # back to the raw posterior mean
     recon = torch.cat([vae.decode(vae.encode(chunk)) for chunk in x.split(4)])
     first = torch.cat([vae.decode(vae.encode(chunk[:, :, :1])) for chunk in x.split(4)])  # images alone
-    real, fake, fake_first = to_uint8(x).numpy(), to_uint8(recon).numpy(), to_uint8(first).numpy()
-    return {"latent_mean": float(z.mean()), "latent_std": float(z.std()),
-            "recon_psnr_db": psnr(real, fake), "first_frame_psnr_db": psnr(real[:, :, :1], fake_first),
+    real, fake, fake_first = (np.stack([to_uint8_frames(clip) for clip in videos]) for videos in (x, recon, first))
+    return {"latent_mean": float(z.mean()), "latent_std": float(z.std()),  # (clips are (N, T, H, W, 3) here)
+            "recon_psnr_db": psnr(real, fake), "first_frame_psnr_db": psnr(real[:, :1], fake_first),
             **colour_fidelity(vae, seed=seed)}
 
 
