@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -394,3 +395,11 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 if __name__ == "__main__":
     main()
+    if "WORLD_SIZE" in os.environ:
+        # The run is done: checkpoints written, the process group left. Under torchrun, gloo's threads sometimes
+        # abort the interpreter's finalization ("terminate called without an active exception"; about 1 run in
+        # 20 in tests/ddp_smoke.py), which would report a finished run as failed. Flush and leave without it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
