@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.models import build_causal_vae, build_mmdit
-from tests.golden import GOLDEN_DIR, read_manifest
+from tests.golden import golden_file, read_manifest
 
 RELEASED_MMDIT = dict(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
                       num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10_000,
@@ -51,8 +51,8 @@ def test_unknown_config_field_is_refused():
 
 def golden_mmdit(**overrides):
     """(model with the golden weights loaded strictly, its inputs, upstream's output) of the golden MMDiT case."""
-    golden = load_file(GOLDEN_DIR / "mmdit_A.safetensors")
-    config = json.loads((GOLDEN_DIR / "mmdit_A.json").read_text())["config"]
+    golden = load_file(golden_file("mmdit_A.safetensors"))
+    config = json.loads(golden_file("mmdit_A.json").read_text())["config"]
     model = build_mmdit(**{**config, **overrides}).eval()
     model.load_state_dict({k[len("model."):]: v for k, v in golden.items() if k.startswith("model.")}, strict=True)
     inputs = {k[len("input."):]: v for k, v in golden.items() if k.startswith("input.")}
@@ -104,8 +104,8 @@ def test_rope_convention_matters_for_released_weights():
 
 @pytest.fixture(scope="module")
 def golden_vae():
-    golden = load_file(GOLDEN_DIR / "vae_C.safetensors")
-    config = json.loads((GOLDEN_DIR / "vae_C.json").read_text())["config"]
+    golden = load_file(golden_file("vae_C.safetensors"))
+    config = json.loads(golden_file("vae_C.json").read_text())["config"]
     vae = build_causal_vae(**config).eval()
     vae.load_state_dict({k[len("model."):]: v for k, v in golden.items() if k.startswith("model.")}, strict=True)
     return vae, golden
@@ -190,7 +190,7 @@ class LocalDecoder(torch.nn.Module):
 
 
 def test_vae_tiling_stitches_tiles_exactly_for_a_local_model():
-    config = json.loads((GOLDEN_DIR / "vae_C.json").read_text())["config"]
+    config = json.loads(golden_file("vae_C.json").read_text())["config"]
     plain = build_causal_vae(**config).eval()
     tiled = build_causal_vae(**dict(config, use_spatial_tiling=True, use_temporal_tiling=True, sample_size=64,
                                     sample_tsize=16)).eval()

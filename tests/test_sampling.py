@@ -11,10 +11,10 @@ from pipelines.models import build_mmdit
 from pipelines.sampling import (DenoiseCounter, GenerationStopped, GuidanceOptions, TextEmbeds, denoise, get_noise,
                                 get_schedule, needed_branches, oscillation_scale, pack, step_scales,
                                 temporal_image_scale, unpack)
-from tests.golden import GOLDEN_DIR, load_golden_json
+from tests.golden import golden_cases, golden_file, load_golden_json
 
 
-@pytest.mark.parametrize("case", load_golden_json("schedules.json")["get_schedule"]["cases"],
+@pytest.mark.parametrize("case", golden_cases("schedules.json", "get_schedule", "cases"),
                          ids=lambda c: str(tuple(c["args"].values())))
 def test_schedule_matches_upstream(case):
     args = dict(case["args"])
@@ -54,16 +54,16 @@ def test_temporal_ramp_starts_at_one_for_the_given_frame():
 
 @pytest.fixture(scope="module")
 def golden_mmdit():
-    weights = load_file(GOLDEN_DIR / "mmdit_A.safetensors")
-    config = json.loads((GOLDEN_DIR / "mmdit_A.json").read_text())["config"]
+    weights = load_file(golden_file("mmdit_A.safetensors"))
+    config = json.loads(golden_file("mmdit_A.json").read_text())["config"]
     model = build_mmdit(**config).eval()
     model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
     return model
 
 
 def run_golden(model, name, skip_known=True, counter=None):
-    data = load_file(GOLDEN_DIR / f"{name}.safetensors")
-    meta = json.loads((GOLDEN_DIR / f"{name}.json").read_text())
+    data = load_file(golden_file(f"{name}.safetensors"))
+    meta = json.loads(golden_file(f"{name}.json").read_text())
     so = meta["sampling_option"]
     opts = GuidanceOptions(num_steps=so["num_steps"], guidance=so["guidance"], guidance_img=so["guidance_img"])
     n = data["input.noise_unpacked"].shape[0]
@@ -84,7 +84,7 @@ def test_denoise_reproduces_upstream(golden_mmdit, name):
 
 
 def test_noise_is_seeded_on_cpu_like_upstream():
-    data = load_file(GOLDEN_DIR / "denoise_A.safetensors")
+    data = load_file(golden_file("denoise_A.safetensors"))
     assert torch.equal(get_noise(2, 4, 3, 8, 8, seed=42), data["input.noise_unpacked"])
 
 
@@ -125,7 +125,7 @@ def test_t2v_skipping_matches_full_loop_numerically(golden_mmdit):
     n, length = 1, 48
     text, neg = TextEmbeds(torch.randn(n, 7, 40), torch.randn(n, 24)), TextEmbeds(torch.randn(n, 7, 40),
                                                                                   torch.randn(n, 24))
-    ids = load_file(GOLDEN_DIR / "denoise_A.safetensors")["input.img_ids"][:1]
+    ids = load_file(golden_file("denoise_A.safetensors"))["input.img_ids"][:1]
     noise = torch.randn(n, length, 16)
     zero_cond = torch.zeros(n, length, 20)
     opts = GuidanceOptions(num_steps=14)
