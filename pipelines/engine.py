@@ -365,9 +365,10 @@ class Engine:
             if self.preview_every and (done % self.preview_every == 0 or done == step.num_steps):
                 if self._projection is None:
                     c = self.components
-                    self._projection = fit_preview_projection(c.vae, step.x0.device, c.dtype)
-                emit(PreviewEvent(preview_strip(step.x0, self._projection, latent, self.components.mmdit.config.patch_size),
-                                  done))
+                    # wherever the VAE is now: with --offload it waits on the CPU while the MMDiT samples
+                    self._projection = fit_preview_projection(c.vae, next(c.vae.parameters()).device, c.dtype)
+                emit(PreviewEvent(preview_strip(step.x0, self._projection, latent,
+                                                self.components.mmdit.config.patch_size), done))
         return callback
 
     def _recipe(self, made: "GeneratedVideo", peak) -> dict:

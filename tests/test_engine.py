@@ -324,3 +324,12 @@ def test_compiling_engine_says_so_once_per_size(tmp_path, monkeypatch):
     eager.generate_frames(GenerationOptions(prompt="a red circle", seed=1, num_frames=5),
                           on_event=lambda e: messages.append(e.message) if isinstance(e, StageEvent) else None)
     assert not any("compiling" in m for m in messages)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading moves models between a GPU and the CPU")
+def test_offload_with_live_previews_runs_on_a_gpu(tmp_path):
+    # The VAE waits on the CPU while the MMDiT samples: the preview projection must be fitted where the VAE is.
+    engine = Engine(tiny_preset(), device="cuda", offload=True, output_dir=tmp_path, preview_every=1)
+    events = []
+    result = engine.run(GenerationOptions(prompt="a red circle", num_steps=3, seed=1), on_event=events.append)
+    assert result.video_path.exists() and any(isinstance(e, PreviewEvent) for e in events)
