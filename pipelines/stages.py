@@ -41,12 +41,7 @@ def load_reference_pixels(cond_type: str, paths: tuple[str, ...], height: int, w
         return ReferencePixels()
     if spec.kind == "image":
         originals = [read_image(p) for p in paths]  # each (3, H_i, W_i), decoded once
-        if cond_type == "i2v_loop" and len(paths) == 2:
-            sizes = {tuple(image.shape[1:]) for image in originals}
-            if len(sizes) > 1:
-                raise MediaError("the two loop images have different sizes "
-                                 f"({' and '.join('x'.join(map(str, s[::-1])) for s in sizes)}); "
-                                 "use two images of the same size")
+        _check_loop_sizes(cond_type, originals)
         images = [resize_crop(image, height, width)[:, None] for image in originals]  # each (3, 1, H, W)
         return ReferencePixels(head=images[0] if spec.head else None, tail=images[-1] if spec.tail else None)
     _probe_clip(paths[0], spec.video_frames)
@@ -62,10 +57,19 @@ def check_references(cond_type: str, paths: tuple[str, ...]) -> None:
     refuses a bad row before the first one runs; raises MediaError / ValueError like `load_reference_pixels`."""
     spec = reference_spec(cond_type)
     if spec.kind == "image":
-        for path in paths:
-            read_image(path)
+        _check_loop_sizes(cond_type, [read_image(path) for path in paths])
     elif spec.kind == "video":
         _probe_clip(paths[0], spec.video_frames)
+
+
+def _check_loop_sizes(cond_type: str, images: list[Tensor]) -> None:
+    """A loop from one image to another needs both the same size (each is cropped to the video's frame)."""
+    if cond_type == "i2v_loop" and len(images) == 2:
+        sizes = {tuple(image.shape[1:]) for image in images}
+        if len(sizes) > 1:
+            raise MediaError("the two loop images have different sizes "
+                             f"({' and '.join('x'.join(map(str, s[::-1])) for s in sizes)}); "
+                             "use two images of the same size")
 
 
 def _probe_clip(path: str, needed: int) -> None:
