@@ -204,3 +204,16 @@ def test_vae_tiling_stitches_tiles_exactly_for_a_local_model():
     assert z_plain.shape == (1, 4, 9, 14, 18) and y_plain.shape == x.shape
     torch.testing.assert_close(z_tiled, z_plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(y_tiled, y_plain, atol=1e-5, rtol=0)
+
+
+def test_vae_tiles_blend_with_already_blended_neighbours_as_upstream():
+    # Upstream blends each tile in place, so a tile's top/left neighbours are read after their own blending: the
+    # top-left pixel of tile (1, 1) ends up as its diagonal neighbour (0, 0), not as (0, 1) or (1, 0).
+    from pipelines.models.vae import _stitch_tiles
+
+    size, blend, keep = 8, 4, 4
+    tiles = [[torch.full((1, 1, 1, size, size), float(value)) for value in row] for row in ((1, 2), (3, 4))]
+    out = _stitch_tiles(tiles, blend, keep)
+    assert out.shape[-2:] == (2 * keep, 2 * keep)
+    assert out[..., keep, keep].item() == 1.0 and out[..., 0, 0].item() == 1.0
+    assert out[..., keep, keep + 1].item() != 3.0  # the rest of the corner mixes all four

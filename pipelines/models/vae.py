@@ -251,6 +251,7 @@ def _stitch_tiles(rows: list[list[Tensor]], blend: int, keep: int) -> Tensor:
                 tile = blend_v(rows[i - 1][j], tile, blend)
             if j > 0:
                 tile = blend_h(row[j - 1], tile, blend)
+            row[j] = tile  # as upstream, which blends in place: the tiles below and right read the blended one
             kept.append(tile[..., :keep, :keep])
         out_rows.append(torch.cat(kept, dim=-1))
     return torch.cat(out_rows, dim=-2)
@@ -258,9 +259,10 @@ def _stitch_tiles(rows: list[list[Tensor]], blend: int, keep: int) -> Tensor:
 
 def _stitch_time(tiles: list[Tensor], blend: int, keep: int) -> Tensor:
     """Blend each temporal tile into its predecessor; the first tile keeps one extra (causal) frame."""
-    out = [tiles[0][:, :, :keep + 1]]
-    for prev, tile in zip(tiles, tiles[1:]):
-        out.append(blend_t(prev, tile, blend)[:, :, :keep])
+    out, prev = [tiles[0][:, :, :keep + 1]], tiles[0]
+    for tile in tiles[1:]:
+        prev = blend_t(prev, tile, blend)  # as upstream (in place): the next tile reads this blended one
+        out.append(prev[:, :, :keep])
     return torch.cat(out, dim=2)
 
 
