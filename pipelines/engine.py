@@ -193,9 +193,11 @@ class Engine:
         return opts if opts.seed is not None else with_seed(opts, secrets.randbelow(2**32))
 
     def run(self, options: GenerationOptions, on_event: EventCallback | None = None,
-            should_stop: Callable[[], bool] | None = None, llm: LLMConfig | None = None) -> GenerationResult:
+            should_stop: Callable[[], bool] | None = None, llm: LLMConfig | None = None,
+            finish_segment: Callable[[], bool] | None = None) -> GenerationResult:
         """Generate and save one request. `llm`: the endpoint for its LLM stages instead of the engine's own
-        (a studio session's settings)."""
+        (a studio session's settings). `finish_segment`: when it turns true, an extension in segments ends after
+        the segment it is making and saves what it has."""
         emit = on_event or (lambda event: None)
         opts = self._seeded(options)
         with self._lock:
@@ -203,7 +205,8 @@ class Engine:
             reset_peak(self.device)
             try:
                 with PeakRSSSampler(device=self.device) as peak:
-                    result = self._run(opts, emit, should_stop or (lambda: False), peak)
+                    result = self._run(opts, emit, should_stop or (lambda: False), peak,
+                                       finish_segment or (lambda: False))
             except torch.cuda.OutOfMemoryError as exc:
                 raise MemoryError("out of GPU memory: try fewer frames, a smaller resolution, or --offload") from exc
             finally:
@@ -230,8 +233,8 @@ class Engine:
             finally:
                 self.state.stage = "idle"
 
-    def _run(self, opts: ResolvedOptions, emit, stop, peak) -> GenerationResult:
-        made = self._generate(opts, emit, stop)
+    def _run(self, opts: ResolvedOptions, emit, stop, peak, finish_segment) -> GenerationResult:
+        made = self._generate(opts, emit, stop, finish_segment)
         # After a Stop during a later segment (or image first's step 2) what was finished is saved all the same.
         self._stage("save", "Saving the video", emit, (lambda: False) if made.stopped_early else stop)
         recipe = self._recipe(made, peak)
@@ -260,7 +263,7 @@ class Engine:
         timings["encode_text"] = timings.get("encode_text", 0.0) + time.perf_counter() - mark
         return PromptText(refined, final_prompt, motion, text, negative)
 
-    def _generate(self, opts: ResolvedOptions, emit, stop) -> "GeneratedVideo":
+    def _generate(self, opts: ResolvedOptions, emit, stop, finish_segment=lambda: False) -> "GeneratedVideo":
         timings, warnings, t0 = {}, [], time.perf_counter()
         prepared = {piece: self._prepare_prompt(opts, piece, emit, stop, warnings, timings)
                     for piece in dict.fromkeys(opts.segment_prompts)}  # each distinct prompt once, in order
@@ -277,6 +280,11 @@ class Engine:
             pixels, opts = ReferencePixels(head=first), replace(opts, cond_type="i2v_head")
             video = raw = first  # what a Stop during step 2 keeps
         for segment in range(opts.segments):
+            if segment and finish_segment():
+                warnings.append(f"stopped after segment {segment} of {opts.segments}, as asked: "
+                                f"{video.shape[1]} frames were kept")
+                stopped_early = True
+                break
             try:
                 if segment:  # a later extension segment continues from the video so far
                     pixels = clip_references(opts.cond_type, video, pixels.source_fps)

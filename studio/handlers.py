@@ -279,6 +279,14 @@ def stop_job(job: SessionJob) -> str:
     return status_html(JobUpdate(stage="idle", message="Nothing is running; the studio is ready."))
 
 
+def finish_segment(job: SessionJob) -> str:
+    """Ask this session's running extension to end after the segment it is making (and keep what it has)."""
+    if job.request_finish_segment():
+        return status_html(JobUpdate(stage="finishing", message="The job stops after the segment it is making "
+                                                                "and keeps the finished ones."))
+    return status_html(JobUpdate(stage="idle", message="Nothing is running; the studio is ready."))
+
+
 def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, server_llm: LLMConfig,
            image_position: str = "head"):
     """Refine the prompt into the separate box; the original is left as it was."""

@@ -102,6 +102,7 @@ class SessionJob:
 
     run_id: int = 0  # the session's latest run
     stopped_up_to: int = -1  # runs numbered up to this one were asked to stop
+    finish_up_to: int = -1  # ... to stop after the segment they are making (Extend in segments)
     running: bool = False
 
     def start(self) -> int:
@@ -121,6 +122,14 @@ class SessionJob:
     def request_stop(self, run_id: int | None = None) -> bool:
         """Ask a run (default: the latest) to stop at its next step; returns whether one was running."""
         self.stopped_up_to = max(self.stopped_up_to, self.run_id if run_id is None else run_id)
+        return self.running
+
+    def should_finish_segment(self, run_id: int) -> bool:
+        return self.finish_up_to >= run_id
+
+    def request_finish_segment(self) -> bool:
+        """Ask the latest run to end after the segment it is making; returns whether one was running."""
+        self.finish_up_to = self.run_id
         return self.running
 
     def finish(self, run_id: int | None = None) -> None:
@@ -167,7 +176,8 @@ def _work(pool: EnginePool, options, job: SessionJob, run_id: int, events: queue
             engine = pool.acquire(timeout=0.5)
         events.put(("device", str(getattr(engine, "device", ""))))
         extra = {"llm": llm} if llm is not None else {}  # the session's LLM endpoint for the engine's LLM stages
-        result = engine.run(options, on_event=events.put, should_stop=lambda: job.should_stop(run_id), **extra)
+        result = engine.run(options, on_event=events.put, should_stop=lambda: job.should_stop(run_id),
+                            finish_segment=lambda: job.should_finish_segment(run_id), **extra)
         events.put(_Outcome(result=result))
     except BaseException as exc:  # the UI reports it; the worker thread must never die silently
         events.put(_Outcome(error=exc))

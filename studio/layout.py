@@ -12,8 +12,8 @@ from pipelines.options import OptionsError
 from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.export import video_to_gif
-from studio.handlers import (MEDIA_INPUTS, TAB_NAMES, make_generate, make_precheck, make_validator, refine, stop_job,
-                             status_html)
+from studio.handlers import (MEDIA_INPUTS, TAB_NAMES, finish_segment, make_generate, make_precheck, make_validator,
+                             refine, stop_job, status_html)
 from pipelines.results import list_results
 from studio.history import gallery_value, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
@@ -219,6 +219,9 @@ def _wire_result_buttons(ui, events: list, settings: StudioSettings) -> None:
     """Stop (this session's running job, plus queued ones), Send to Extend and Make GIF."""
     out = ui.out
     out["stop"].click(stop_job, ui.job, out["status"], queue=False, api_name="stop", cancels=events)
+    for tab in ui.tab_list:
+        if tab.finish is not None:  # no cancels=: the running job goes on to the end of its segment
+            tab.finish.click(finish_segment, ui.job, out["status"], queue=False, api_name="stop_after_segment")
     extend_video = next(tab for tab in ui.tab_list if tab.mode == "extend").inputs[0]
 
     def send_to_extend(path):

@@ -25,6 +25,7 @@ class Tab:
     inputs: list
     button: gr.Button
     uploads: list = field(default_factory=list)  # image / video inputs that pick the aspect ratio
+    finish: gr.Button | None = None  # Extend: stop after the current segment
 
 
 def load_examples(folder: Path) -> dict:
@@ -101,6 +102,8 @@ def build_extend(prompt, examples: dict) -> Tab:
         gr.Markdown("The clip needs at least 33 frames (65 with *easy*); the new video's frame count must exceed "
                     "that, and each segment adds that many frames less the context. The result is the original "
                     "clip plus the new frames.")
-        button = gr.Button("Generate", variant="primary", elem_id="generate-extend")
+        with gr.Row():
+            button = gr.Button("Generate", variant="primary", elem_id="generate-extend", scale=3)
+            finish = gr.Button("Stop after this segment", elem_id="finish-segment", scale=1)
         _examples(examples.get("extend", []), ["prompt", "video", "segments"], [prompt, video, segments], "Examples")
-    return Tab("extend", tab, [video, direction, easy, segments], button, uploads=[video])
+    return Tab("extend", tab, [video, direction, easy, segments], button, uploads=[video], finish=finish)

@@ -48,7 +48,7 @@ def check_output(result, frames, fps=8, size=64):
     for key in ("preset", "mode", "cond_type", "prompt", "options", "seed", "timings_s", "peak_memory_bytes",
                 "versions", "checkpoints", "sampler"):
         assert key in recipe
-    assert recipe["prompt"]["final"].endswith("8 FPS. 4 motion score.")
+    assert recipe["prompt"]["final"].endswith(f"{fps} FPS. 4 motion score.")
     return recipe
 
 
@@ -98,7 +98,7 @@ def test_extend_forward_keeps_the_clip_and_adds_frames(engine, clip_path):
     assert recipe["cond_type"] == "v2v_head"
     original, new = read_video(clip_path)[0], read_video(result.video_path)[0]
     assert (original - new[:, :41]).abs().mean() < 0.05  # the given frames are kept (up to H.264 re-encoding)
-    assert any("plays at 8 fps" in w and "set fps to 8" in w for w in result.warnings)  # saved at 24: faster
+    assert not any("fps" in w for w in result.warnings)  # the clip's own rate: nothing to say
 
 
 def test_frame_rate_warning_only_when_the_rates_differ():
@@ -110,8 +110,9 @@ def test_frame_rate_warning_only_when_the_rates_differ():
 
 def test_extend_backward(engine, clip_path):
     result = engine.run(GenerationOptions(mode="extend", prompt="x", references=(clip_path,), num_frames=37,
-                                          extend_direction="backward", seed=1))
-    assert check_output(result, frames=41 + 4)["cond_type"] == "v2v_tail"
+                                          extend_direction="backward", seed=1, fps=12))
+    assert check_output(result, frames=41 + 4, fps=12)["cond_type"] == "v2v_tail"
+    assert any("plays at 8 fps" in w and "faster" in w and "set fps to 8" in w for w in result.warnings)
 
 
 def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path):
@@ -132,6 +133,21 @@ def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path):
                                        num_frames=37, seed=5))
     # the first segment is the one-segment extension; later ones continue from it (with their own noise)
     assert (read_video(one.video_path)[0] - new[:, :45]).abs().mean() < 0.02  # (up to H.264 re-encoding)
+
+
+def test_stop_after_this_segment_keeps_the_finished_segments(engine, clip_path):
+    done = []
+
+    def on_event(event):
+        if isinstance(event, StageEvent) and "done" in event.message:
+            done.append(event.message)
+
+    result = engine.run(GenerationOptions(mode="extend", prompt="a blue square moving right", segments=3,
+                                          references=(clip_path,), num_frames=37, seed=5), on_event=on_event,
+                        finish_segment=lambda: bool(done))
+    recipe = check_output(result, frames=41 + (37 - 33))
+    assert done == ["Segment 1 of 3 done: 45 frames"] and recipe["output"]["segments"] == 1
+    assert recipe["output"]["stopped_early"] and any("stopped after segment 1 of 3" in w for w in result.warnings)
 
 
 def test_extend_segments_follow_their_own_prompts(engine, clip_path):

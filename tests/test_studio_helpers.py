@@ -54,12 +54,14 @@ class FakeEngine:
 
         return MemoryEstimate(weights={"mmdit": 1}, stages={"sample": self.need}, device_type="cpu"), self.available
 
-    def run(self, options, on_event, should_stop, llm=None):
+    def run(self, options, on_event, should_stop, llm=None, finish_segment=lambda: False):
         self.llm = llm
         on_event(SimpleNamespace(kind="stage", stage="sample", message="Sampling"))
         for step in range(1, self.steps + 1):
             if should_stop():
                 raise GenerationStopped("stopped")
+            if step > 1 and finish_segment():  # (each step stands for a segment here)
+                break
             if self.fail is not None:
                 raise self.fail
             on_event(SimpleNamespace(kind="progress", step=step, total=self.steps, elapsed_s=step, eta_s=1.0))
@@ -144,6 +146,20 @@ def test_the_engine_runs_with_the_sessions_llm_settings():
     session = LLMConfig(base_url="http://127.0.0.1:9/v1", model="mine")
     assert list(run_job(EnginePool([engine]), object(), SessionJob(), llm=session))[-1].done
     assert engine.llm is session
+
+
+def test_stop_after_this_segment_ends_the_run_with_its_result_and_no_cancel():
+    from studio.handlers import finish_segment
+
+    pool, job = EnginePool([FakeEngine(steps=500, delay_s=0.01)]), SessionJob()
+    assert "Nothing is running" in finish_segment(job)
+    run_id = job.start()
+    for update in run_job(pool, object(), job, run_id=run_id):
+        if update.step >= 2 and not job.should_finish_segment(run_id):
+            assert "stops after the segment" in finish_segment(job)
+        last = update
+    assert last.done and not last.stopped and last.result.seed == 1 and last.step < 500
+    assert not job.stop_requested and not job.should_finish_segment(job.start())  # the next run is not affected
 
 
 def test_stop_then_generate_at_once_still_stops_the_first_run():
