@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root-path", default=None,
                         help="URL prefix when served behind a reverse proxy, e.g. /studio (or GRADIO_ROOT_PATH)")
     parser.add_argument("--mcp", action="store_true", default=None,
-                        help="also serve the named endpoints (/t2v, /i2v, /loop, /extend, /stop) as MCP tools "
-                             "(needs: pip install 'gradio[mcp]')")
+                        help="also serve the named endpoints (/t2v, /i2v, /loop, /extend, /stop, "
+                             "/stop_after_segment) as MCP tools (needs: pip install 'gradio[mcp]')")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         log.info("ignoring arguments not meant for the studio: %s", unknown)

@@ -109,7 +109,8 @@ def test_demo_wiring_named_endpoints_gpu_concurrency_and_a_private_timer(tmp_pat
     settings = StudioSettings(output_dir=tmp_path)
     demo = build_demo(pool, settings)
     fns = {fn.api_name: fn for fn in demo.fns.values() if fn.api_visibility == "public"}
-    assert {"t2v", "i2v", "loop", "extend", "stop"} <= set(fns)
+    assert {"t2v", "i2v", "loop", "extend", "stop", "stop_after_segment"} <= set(fns)
+    assert not fns["stop_after_segment"].cancels  # the running job goes on to the end of its segment
     for mode in ("t2v", "i2v", "loop", "extend"):
         assert fns[mode].concurrency_id == "gpu" and fns[mode].concurrency_limit == 2
         assert fns[mode].validator is not None
