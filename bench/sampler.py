@@ -1,6 +1,7 @@
 """CPU benchmark of the embedded default: skipping sampler vs the plain three-branch loop, side by side.
 
     python bench/sampler.py [--preset shapes-default] [--frames 33] [--repeats 2] [--cold-start]
+    python bench/sampler.py --smoke        # 9 frames, one repeat (the test suite runs this so it cannot rot)
 
 Prints, for t2v and i2v: ms per model call (branch evaluation), model calls per run, sampling and total wall time
 per clip (text encode + sample + VAE decode), and the ratio of the plain loop to the skipping one. With --cold-start
@@ -95,7 +96,10 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--cold-start", action="store_true")
     p.add_argument("--json", type=Path)
+    p.add_argument("--smoke", action="store_true", help="9 frames, one repeat: checks the script, not the speed")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.frames, args.repeats = 9, 1
     engine = Engine(args.preset, device="cpu", output_dir=Path("/tmp/bench-outputs")).load()
     image = torch.zeros(3, 1, 64, 64)
     image[0, :, 20:36, 20:36] = 0.7

@@ -107,6 +107,16 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path):
     assert info["vae_decode_shape"] == [1, 3, 9, 64, 64]
 
 
+def test_sampler_bench_smoke_compares_the_two_samplers(tmp_path):
+    out = tmp_path / "sampler.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/sampler.py"), "--smoke", "--json", str(out)], check=True,
+                   timeout=300, capture_output=True)
+    info = json.loads(out.read_text())
+    assert info["frames"] == 9 and info["t2v_call_ratio"] > 1.5 and info["i2v_call_ratio"] > 1.0
+    assert {(r["mode"], r["sampler"]) for r in info["rows"]} == {(m, s) for m in ("t2v", "i2v")
+                                                                  for s in ("skipping", "three-branch")}
+
+
 def test_memory_bench_smoke_compares_measured_and_estimated_stages(tmp_path):
     out = tmp_path / "memory.json"
     subprocess.run([sys.executable, str(ROOT / "bench/memory.py"), "--smoke", "--json", str(out)], check=True,
