@@ -16,6 +16,8 @@ from pipelines.results import ResultFiles
 from studio.media_info import video_thumbnail
 
 log = logging.getLogger(__name__)
+
+
 def gallery_value(items: list[ResultFiles]) -> list[tuple]:
     """(thumbnail, caption) pairs for gr.Gallery: PNG results as they are, videos as their first frame."""
     value = []
