@@ -73,9 +73,16 @@ def _describe(path: str | None) -> str:
     return path
 
 
+RANDOM_INIT_SEED = 0
+
+
 def _load_weights(name: str, factory, path: str | None, preset: ModelPreset, device, dtype) -> nn.Module:
     if path is None:
-        return factory().to(device=device, dtype=dtype)
+        # An untrained preset: the same random weights on every load (and after Unload), so a recipe's seed still
+        # gives its video; the caller's random state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return factory().to(device=device, dtype=dtype)
     if not preset.official and not Path(path).exists():
         raise CheckpointError(f"{name} weights of preset {preset.name!r} are missing: {path}")
     model, report = build_and_load(factory, path, strict=True, dtype=dtype, device=device)

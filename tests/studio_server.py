@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,31 @@ def running_studio(out: Path, preset=None, **sampling):
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", pool=pool, settings=settings, out=out)
     finally:
         demo.close()
+
+
+@contextmanager
+def slow_sampling(pool, seconds_per_step: float = 0.05):
+    """Every sampling step of the pool's engines takes at least this long, so a test can stop or cancel a job
+    while it runs instead of racing a tiny model that finishes 200 steps in a second."""
+    originals = [(engine, engine._progress_callback) for engine in pool]
+
+    def slowed(original):
+        def make(emit, latent, start):
+            inner = original(emit, latent, start)
+
+            def callback(step):
+                time.sleep(seconds_per_step)
+                inner(step)
+            return callback
+        return make
+
+    for engine, original in originals:
+        engine._progress_callback = slowed(original)
+    try:
+        yield
+    finally:
+        for engine, original in originals:
+            engine._progress_callback = original
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"

@@ -42,8 +42,9 @@ def test_cli_csv_rows_with_references(tiny_registry, tmp_path, capsys):
     assert generate.main(["--csv", str(table), "--out", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and "first" in lines[0]
-    saved = sorted((tmp_path / "out").iterdir())
-    assert all(p.parent == tmp_path / "out" for p in saved) and not any(".." in p.name for p in saved)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) == 6 and [f for f in files if not f.startswith("out/")] == ["prompts.csv", "ref.png"]
+    assert not any(".." in f for f in files) and not (tmp_path.parent.parent / "etc").exists()
 
 
 def test_cli_segments_and_image_first_apply_to_their_rows_only():

@@ -349,3 +349,13 @@ def test_offload_with_live_previews_runs_on_a_gpu(tmp_path):
     events = []
     result = engine.run(GenerationOptions(prompt="a red circle", num_steps=3, seed=1), on_event=events.append)
     assert result.video_path.exists() and any(isinstance(e, PreviewEvent) for e in events)
+
+
+def test_unload_frees_the_models_and_the_next_run_reloads_them_unchanged(tmp_path):
+    engine = Engine(tiny_preset(), output_dir=tmp_path, preview_every=0).load()
+    options = GenerationOptions(prompt="a red circle", num_steps=3, seed=3)
+    before = engine.generate_frames(options).video
+    assert engine.param_stats()
+    engine.unload()  # the memory panel's Unload button
+    assert engine.param_stats() == [] and engine._components is None
+    torch.testing.assert_close(engine.generate_frames(options).video, before)  # reloaded on demand, same weights

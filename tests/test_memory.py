@@ -44,7 +44,6 @@ def test_peak_rss_sampler_sees_a_large_allocation():
         block.write(b"\x01" * size)  # touch every page so it counts in RSS
         time.sleep(0.1)  # several sampling intervals while the block is held
         block.close()
-    assert sampler.peak_rss_bytes >= sampler.start_rss_bytes
     assert sampler.peak_increase_bytes >= 32 * 1024 * 1024
     assert sampler.peak_device_bytes is None
     with pytest.raises(RuntimeError):

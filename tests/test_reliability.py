@@ -20,7 +20,7 @@ from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
 
 from pipelines.media import write_video
-from tests.studio_server import EXAMPLES, FAST, studio_with_client
+from tests.studio_server import EXAMPLES, FAST, slow_sampling, studio_with_client
 
 pytestmark = pytest.mark.slow
 
@@ -167,16 +167,18 @@ def test_sixteen_concurrent_clients_all_finish_unmixed_and_memory_settles(studio
 
 def test_a_queued_job_can_be_cancelled_and_the_running_one_stopped(studio):
     busy, waiting = Client(studio.url, verbose=False), Client(studio.url, verbose=False)
-    running = busy.submit(**dict(FAST, prompt="a long job", num_steps=200, seed=1), api_name="/t2v")
-    for _ in range(200):  # wait until the long job holds the only engine
-        if any(studio.pool.is_busy(engine) for engine in studio.pool):
-            break
-        time.sleep(0.05)
-    queued = waiting.submit(**dict(FAST, prompt="never runs", seed=2), api_name="/t2v")
-    time.sleep(0.5)
-    assert queued.cancel(), "a job still waiting in the queue must be cancellable"
-    busy.predict(api_name="/stop")
-    *_, status, _ = running.result(timeout=120)
+    with slow_sampling(studio.pool):  # 200 steps take at least 10 s: cancel and stop cannot lose the race
+        running = busy.submit(**dict(FAST, prompt="a long job", num_steps=200, seed=1), api_name="/t2v")
+        for _ in range(400):  # wait until the long job holds the only engine
+            if any(studio.pool.is_busy(engine) for engine in studio.pool):
+                break
+            time.sleep(0.05)
+        assert any(studio.pool.is_busy(engine) for engine in studio.pool), "the long job never started"
+        queued = waiting.submit(**dict(FAST, prompt="never runs", seed=2), api_name="/t2v")
+        time.sleep(0.5)
+        assert queued.cancel(), "a job still waiting in the queue must be cancellable"
+        busy.predict(api_name="/stop")
+        *_, status, _ = running.result(timeout=120)
     assert "Stopped" in status
     assert not any("never runs" in p.read_text() for p in studio.out.glob("*.json"))
     video, recipe, *_ = call(studio, "/t2v", prompt="after the cancel")

@@ -113,7 +113,7 @@ def test_speed_is_a_quarter_pixel_per_frame_per_motion_score():
 
 
 def test_sampled_starts_leave_room_for_the_motion():
-    rng = random.Random(2)
+    rng, checked = random.Random(2), 0
     for _ in range(300):
         spec = sample_spec(rng, num_frames=33)
         travel = spec.speed * 32
@@ -121,6 +121,8 @@ def test_sampled_starts_leave_room_for_the_motion():
             path = centre_path(spec, 33)
             axis = 0 if spec.direction in ("left", "right") else 1
             assert np.all(np.diff(path[:, axis]) * np.sign(path[-1, axis] - path[0, axis]) >= 0)
+            checked += 1
+    assert checked > 100  # most sampled clips have room for their whole travel
 
 
 def test_larger_frames_show_the_same_scene_scaled():

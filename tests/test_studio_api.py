@@ -13,7 +13,7 @@ import pytest
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError, ValidationError
 
-from tests.studio_server import EXAMPLES, FAST, studio_with_client
+from tests.studio_server import EXAMPLES, FAST, slow_sampling, studio_with_client
 
 pytestmark = pytest.mark.slow
 
@@ -86,14 +86,15 @@ def test_t2v_image_first_makes_a_frame_then_animates_it(studio):
 
 def test_stop_ends_a_running_job_early_and_the_next_job_succeeds(studio):
     client = studio.client
-    job = client.submit(prompt="a long job", **{**FAST, "num_steps": 200}, api_name="/t2v")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any("step " in str(out[3]) for out in job.outputs()):
-        time.sleep(0.1)
-    assert any("step " in str(out[3]) for out in job.outputs()), "the job never reported a sampling step"
-    started = time.monotonic()
-    client.predict(api_name="/stop")
-    *_, status, _ = job.result(timeout=60)
+    with slow_sampling(studio.pool):  # 200 steps take at least 10 s: the stop cannot lose the race
+        job = client.submit(prompt="a long job", **{**FAST, "num_steps": 200}, api_name="/t2v")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("step " in str(out[3]) for out in job.outputs()):
+            time.sleep(0.1)
+        assert any("step " in str(out[3]) for out in job.outputs()), "the job never reported a sampling step"
+        started = time.monotonic()
+        client.predict(api_name="/stop")
+        *_, status, _ = job.result(timeout=60)
     assert "Stopped" in status
     assert time.monotonic() - started < 30
     video, recipe, _, _, _ = client.predict(prompt="after the stop", seed=9, **FAST, api_name="/t2v")

@@ -64,6 +64,7 @@ class FakeEngine:
                 break
             if self.fail is not None:
                 raise self.fail
+            self.current = step
             on_event(SimpleNamespace(kind="progress", step=step, total=self.steps, elapsed_s=step, eta_s=1.0))
             on_event(SimpleNamespace(kind="preview", image=np.full((2, 2, 3), step, np.uint8), step=step))
             time.sleep(self.delay_s)
@@ -131,14 +132,19 @@ def test_run_job_streams_progress_and_previews_then_the_result():
 
 
 def test_stop_ends_the_job_within_a_step_and_frees_the_engine():
-    pool, job = EnginePool([FakeEngine(steps=500, delay_s=0.01)]), SessionJob()
-    stopper = None
+    engine, job = FakeEngine(steps=500, delay_s=0.01), SessionJob()
+    pool, stopper, asked_at = EnginePool([engine]), None, []
+
+    def stop():
+        asked_at.append(engine.current)
+        job.request_stop()
+
     for update in run_job(pool, object(), job):
         if update.step >= 1 and stopper is None:
-            stopper = threading.Timer(0.0, job.request_stop)
+            stopper = threading.Timer(0.0, stop)
             stopper.start()
         last = update
-    assert last.stopped and last.error is None and last.step < 500
+    assert last.stopped and last.error is None and last.step <= asked_at[0] + 1 < 500  # at most the step under way
     assert pool.try_acquire() is not None
 
 

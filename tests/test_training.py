@@ -351,10 +351,10 @@ def test_torchrun_two_process_gloo_smoke(tmp_path):
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={free_port()}"]
     # A time budget: each rank times its own steps, and both must stop at the same one (else a collective hangs).
-    log = run_train(["--config", "tiny-dit", f"outputs={tmp_path}", "steps=100000", "time_budget_min=0.1",
+    log = run_train(["--config", "tiny-dit", f"outputs={tmp_path}", "steps=100000", "time_budget_min=0.15",
                      "threads=1", "log_every=5"], launcher, timeout=240)
     steps = int(re.search(r"done: (\d+) steps", log).group(1))
-    assert 10 < steps < 100000
+    assert 10 < steps < 100000  # past StepBudget's first 10 steps: the budget, agreed by both ranks, ended it
     assert (tmp_path / "checkpoints" / f"epoch0-global_step{steps}" / "running_states.json").is_file()
 
 
