@@ -87,11 +87,15 @@ def aspect_for_image(height: int, width: int, preset) -> str:
 
 
 def session_llm(server: LLMConfig, base_url: str | None, model: str | None, api_key: str | None) -> LLMConfig:
-    """The server's LLM settings with this session's non-empty overrides."""
+    """The server's LLM settings with this session's non-empty overrides.
+
+    The server's key goes only to the server's own endpoint: a visitor who types another base URL (on a Space or
+    a share link) brings their own key, or none for a local server, and never receives the operator's."""
+    base_url, model, api_key = ((value or "").strip() for value in (base_url, model, api_key))
+    own_endpoint = not base_url or base_url.rstrip("/") == (server.base_url or "").rstrip("/")
     try:
-        return LLMConfig(base_url=(base_url or "").strip() or server.base_url,
-                         model=(model or "").strip() or server.model,
-                         api_key=(api_key or "").strip() or server.api_key,
+        return LLMConfig(base_url=base_url or server.base_url, model=model or server.model,
+                         api_key=api_key or (server.api_key if own_endpoint else None),
                          timeout_s=server.timeout_s, max_retries=server.max_retries)
     except ValueError:
         return server

@@ -269,6 +269,17 @@ def test_session_llm_overrides_and_never_shows_the_key():
     assert "sk-secret" not in llm_status(config) and "sk-secret" not in repr(config)
 
 
+
+def test_the_servers_key_never_goes_to_an_endpoint_a_visitor_typed():
+    server = LLMConfig(api_key="sk-operator-key-123456789")  # OpenAI itself
+    assert session_llm(server, "", "gpt-x", "").api_key == server.api_key  # the server's endpoint, another model
+    elsewhere = session_llm(server, "https://attacker.example/v1", "", "")
+    assert elsewhere.base_url == "https://attacker.example/v1" and elsewhere.api_key is None
+    assert session_llm(server, "https://attacker.example/v1", "", "sk-own").api_key == "sk-own"
+    local = LLMConfig(base_url="http://127.0.0.1:11434/v1/", api_key="sk-operator-key-123456789")
+    assert session_llm(local, "http://127.0.0.1:11434/v1", "", "").api_key == local.api_key  # same endpoint
+
+
 def test_refine_fills_the_separate_box_through_an_openai_compatible_server():
     with FakeLLMServer(answer="A red circle glides right.") as server:
         config = LLMConfig(base_url=server.base_url, api_key="sk-test", timeout_s=5)
