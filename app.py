@@ -22,7 +22,10 @@ import gradio as gr
 from studio import STUDIO_CSS, EnginePool, StudioSettings, build_demo, studio_theme
 
 log = logging.getLogger("app")
-GPU_SECONDS = 300  # ZeroGPU time budget per generation
+# ZeroGPU time asked per generation: a request longer than the visitor's remaining daily quota is refused before
+# it starts, so the small embedded model asks for little; the 11B at 256px needs minutes (768px does not fit).
+GPU_SECONDS = {"shapes-default": 60}
+GPU_SECONDS_OFFICIAL = 300
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,19 +76,19 @@ def create_pool(args: argparse.Namespace, settings: StudioSettings) -> EnginePoo
     return EnginePool(engines)
 
 
-def gpu_decorator():
-    """spaces.GPU on Hugging Face ZeroGPU; None anywhere else."""
+def gpu_decorator(preset: str):
+    """spaces.GPU on Hugging Face ZeroGPU, asking for the time this preset's generations need; None elsewhere."""
     try:
         import spaces
     except ImportError:
         return None
-    return spaces.GPU(duration=GPU_SECONDS)
+    return spaces.GPU(duration=GPU_SECONDS.get(preset, GPU_SECONDS_OFFICIAL))
 
 
 def create_settings(args: argparse.Namespace) -> StudioSettings:
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator())
+    return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator(args.preset))
 
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, settings: StudioSettings, **kwargs):
