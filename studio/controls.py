@@ -218,7 +218,10 @@ def build_settings_block(preset) -> tuple[dict, DurationControls]:
             fps = gr.Slider(1, 60, value=s.fps, step=1, label="FPS", info="Playback rate; also told to the model.")
         text = gr.Markdown(duration_text(s.num_frames, s.fps))
         with gr.Row():
+            # allow_custom_value: API callers may send a number (5) as well as a choice ("5"); anything else is
+            # refused by the options' validation with a clear message
             motion = gr.Dropdown(MOTION_CHOICES, value=str(s.motion_score), label="Motion score",
+                                 allow_custom_value=True,
                                  info="How much moves: 1 still … 7 very fast; 'auto' asks the LLM.")
             steps = gr.Slider(1, MAX_STEPS, value=s.num_steps, step=1, label="Steps",
                               info="Sampling steps: more is slower and usually cleaner.")

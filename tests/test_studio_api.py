@@ -41,6 +41,13 @@ def test_t2v_endpoint_returns_a_decodable_mp4_and_its_recipe(studio):
     assert "Done" in status
 
 
+def test_motion_score_may_be_sent_as_a_number_and_a_bad_one_is_refused_clearly(studio):
+    _, recipe, *_ = studio.client.predict(prompt="a red circle", motion_score=6, seed=2, **FAST, api_name="/t2v")
+    assert recipe["options"]["motion_score"] == 6 and recipe["prompt"]["final"].endswith("6 motion score.")
+    with pytest.raises((ValidationError, AppError), match="motion score"):
+        studio.client.predict(prompt="a red circle", motion_score=12, seed=2, **FAST, api_name="/t2v")
+
+
 def test_random_seed_is_written_back(studio):
     _, recipe, seed, _, _ = studio.client.predict(prompt="a blue square", **{**FAST, "randomize_seed": True},
                                                   api_name="/t2v")
