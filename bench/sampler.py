@@ -1,6 +1,6 @@
 """CPU benchmark of the embedded default: skipping sampler vs the plain three-branch loop, side by side.
 
-    python bench/sampler.py [--preset shapes-default] [--frames 33] [--repeats 2] [--cold-start]
+    python bench/sampler.py [--preset shapes-default] [--frames 33] [--repeats 5] [--cold-start]
     python bench/sampler.py --smoke        # 9 frames, one repeat (the test suite runs this so it cannot rot)
 
 Prints, for t2v and i2v: ms per model call (branch evaluation), model calls per run, sampling and total wall time
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="shapes-default")
     p.add_argument("--frames", type=int, default=33)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per mode and sampler (the median is kept)")
     p.add_argument("--cold-start", action="store_true")
     p.add_argument("--json", type=Path)
     p.add_argument("--smoke", action="store_true", help="9 frames, one repeat: checks the script, not the speed")
@@ -103,15 +103,19 @@ def main(argv=None) -> dict:
     engine = Engine(args.preset, device="cpu", output_dir=Path("/tmp/bench-outputs")).load()
     image = torch.zeros(3, 1, 64, 64)
     image[0, :, 20:36, 20:36] = 0.7
+    cases = [(mode, skip) for mode in ("t2v", "i2v") for skip in (True, False)]
+    for mode, skip in cases:  # warm-up: every mode and sampler once, so none pays first-use costs in the timing
+        run_once(engine, mode, args.frames, skip, image)
+    runs: dict[tuple[str, bool], list[dict]] = {case: [] for case in cases}
+    for _ in range(args.repeats):  # interleaved: a slow spell on the machine hits both samplers alike
+        for mode, skip in cases:
+            runs[mode, skip].append(run_once(engine, mode, args.frames, skip, image))
     rows = []
-    run_once(engine, "t2v", args.frames, True, image)  # warm-up
-    for mode in ("t2v", "i2v"):
-        for skip in (True, False):
-            runs = [run_once(engine, mode, args.frames, skip, image) for _ in range(args.repeats)]
-            row = {**runs[0], **{k: float(np.median([r[k] for r in runs]))
-                                 for k in ("ms_per_model_call", "sample_s", "total_s")}}
-            rows.append(row)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    for case in cases:
+        row = {**runs[case][0], **{k: float(np.median([r[k] for r in runs[case]]))
+                                   for k in ("ms_per_model_call", "sample_s", "total_s")}}
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     summary = {"threads": torch.get_num_threads(), "frames": args.frames, "rows": rows}
     for mode in ("t2v", "i2v"):
         fast, plain = (next(r for r in rows if r["mode"] == mode and r["sampler"] == s)
