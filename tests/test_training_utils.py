@@ -119,6 +119,25 @@ def test_cosine_warms_up_then_anneals_to_eta_min():
     assert all(a >= b for a, b in itertools.pairwise(seen[2:]))
 
 
+def test_refitting_the_cosine_end_never_raises_the_rate():
+    optimizer = torch.optim.AdamW(tiny_model().parameters(), lr=1.0)
+    scheduler = CosineAnnealingWarmupLR(optimizer, total_steps=1000, warmup_steps=5, eta_min=0.0)
+    seen = lrs_over(scheduler, 300)
+    now = scheduler.lrs_at(scheduler.last_epoch)[0]
+    scheduler.refit(400)  # a slow spell pulls the end in ...
+    assert scheduler.lrs_at(scheduler.last_epoch)[0] == pytest.approx(now)  # ... the rate goes on from there
+    seen += lrs_over(scheduler, 50)
+    scheduler.refit(2000)  # ... then the pace recovers and the end moves out again
+    seen += lrs_over(scheduler, 1700)
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(seen[5:]))  # never climbs back after the warmup
+    assert seen[-1] == pytest.approx(0.0, abs=1e-9) and seen[400] > 0.01  # ends at eta_min, on the new end
+    state = scheduler.state_dict()
+    twin = CosineAnnealingWarmupLR(torch.optim.AdamW(tiny_model().parameters(), lr=1.0), total_steps=1000,
+                                   warmup_steps=5)
+    twin.load_state_dict(state)  # the refit survives a checkpoint
+    assert twin.anchor == scheduler.anchor and twin.lrs_at(1900) == scheduler.lrs_at(1900)
+
+
 @pytest.mark.parametrize("make", [
     lambda opt: LinearWarmupLR(opt, initial_lr=1e-6, warmup_steps=5),
     lambda opt: CosineAnnealingWarmupLR(opt, total_steps=20, warmup_steps=3, eta_min=1e-5),

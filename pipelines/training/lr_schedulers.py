@@ -53,7 +53,8 @@ class LinearWarmupLR(LRScheduler):
 class CosineAnnealingWarmupLR(LRScheduler):
     """Linear warmup from 0 (same ramp as `LinearWarmupLR`), then half a cosine down to `eta_min`.
 
-    The cosine spans steps [warmup_steps, total_steps]; after total_steps the rate stays at eta_min.
+    The cosine spans steps [warmup_steps, total_steps]; after total_steps the rate stays at eta_min. `refit` moves
+    the end while training (a time budget re-estimating its step count) without the rate ever rising again.
     """
 
     def __init__(
@@ -72,16 +73,32 @@ class CosineAnnealingWarmupLR(LRScheduler):
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
         self.eta_min = float(eta_min)
+        self.anchor: tuple[int, float] | None = None  # (step, cosine progress there) after a refit
         super().__init__(optimizer, last_epoch=last_epoch)
+
+    def progress(self, step: int) -> float:
+        """How far along the cosine `step` is, 0 to 1 (0 during the warmup)."""
+        if step < self.warmup_steps:
+            return 0.0
+        start, done = self.anchor if self.anchor is not None else (self.warmup_steps, 0.0)
+        span = max(1, self.total_steps - start)
+        return min(1.0, done + (1.0 - done) * max(0, step - start) / span)
+
+    def refit(self, total_steps: int) -> None:
+        """End the cosine at `total_steps` from now on: what is left of it is spread over the steps left, so the
+        rate goes on from where it is. (Setting `total_steps` alone re-reads the whole cosine: a run whose end was
+        pulled in by a slow spell would see its rate climb back when the end moved out again.)"""
+        step = self.last_epoch
+        if step >= self.warmup_steps:
+            self.anchor = (step, self.progress(step))
+        self.total_steps = max(int(total_steps), step + 1)
 
     def lrs_at(self, step: int) -> list[float]:
         """Learning rate of every param group after `step` scheduler steps."""
         if step < self.warmup_steps:
             fraction = (step + 1) / (self.warmup_steps + 1)
             return [fraction * float(base) for base in self.base_lrs]
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        weight = 0.5 * (1.0 + math.cos(math.pi * progress))
+        weight = 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
         return [self.eta_min + weight * (float(base) - self.eta_min) for base in self.base_lrs]
 
     def get_lr(self) -> list[float]:

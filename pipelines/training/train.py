@@ -264,7 +264,7 @@ class StepBudget:
         target = max(step, min(self.limit, step + int(remaining / pace)))  # out of time: stop now
         target = all_reduce_min(target)  # ranks time their own steps; they must agree on the last one
         if isinstance(scheduler, CosineAnnealingWarmupLR):
-            scheduler.total_steps = max(target, scheduler.warmup_steps + 1)
+            scheduler.refit(max(target, scheduler.warmup_steps + 1))  # the rate goes on falling from where it is
         self.target = target
         return target
 
