@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import gradio as gr
 
 from pipelines.options import OptionsError
+from pipelines.results import list_results
 from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.export import video_to_gif
 from studio.handlers import (MEDIA_INPUTS, TAB_NAMES, finish_segment, make_generate, make_precheck, make_validator,
                              refine, stop_job, status_html)
-from pipelines.results import list_results
 from studio.history import gallery_value, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
 from studio.media_info import image_size, video_fps, video_size

@@ -122,7 +122,7 @@ def rm_checkpoints(save_dir: Path | str, keep_n_latest: int = 0, keep: Path | No
     found = _complete_checkpoints(Path(save_dir))
     kept = found[-keep_n_latest:]
     if keep is not None and Path(keep) in found and Path(keep) not in kept:
-        kept = [*found[-(keep_n_latest - 1):], Path(keep)] if keep_n_latest > 1 else [Path(keep)]
+        kept = [*kept[1:], Path(keep)]  # the one just written takes the place of the oldest kept
     doomed = [path for path in found if path not in kept]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
