@@ -175,9 +175,8 @@ def _work(pool: EnginePool, options, job: SessionJob, run_id: int, events: queue
                 raise InterruptedError("stopped while waiting for a free device")
             engine = pool.acquire(timeout=0.5)
         events.put(("device", str(getattr(engine, "device", ""))))
-        extra = {"llm": llm} if llm is not None else {}  # the session's LLM endpoint for the engine's LLM stages
         result = engine.run(options, on_event=events.put, should_stop=lambda: job.should_stop(run_id),
-                            finish_segment=lambda: job.should_finish_segment(run_id), **extra)
+                            finish_segment=lambda: job.should_finish_segment(run_id), llm=llm)  # llm: the session's
         events.put(_Outcome(result=result))
     except BaseException as exc:  # the UI reports it; the worker thread must never die silently
         events.put(_Outcome(error=exc))
