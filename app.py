@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio import STUDIO_CSS, EnginePool, StudioSettings, build_demo, studio_theme
+from studio import STUDIO_CSS, EnginePool, StudioSettings, build_demo, deployment_is_public, studio_theme
 
 log = logging.getLogger("app")
 # ZeroGPU time asked per generation: a request longer than the visitor's remaining daily quota is refused before
@@ -88,7 +88,8 @@ def gpu_decorator(preset: str):
 def create_settings(args: argparse.Namespace) -> StudioSettings:
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator(args.preset))
+    return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator(args.preset),
+                          public=deployment_is_public(args.host, args.share))
 
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, settings: StudioSettings, **kwargs):

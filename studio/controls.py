@@ -6,8 +6,12 @@ tests can check them without a browser.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass, fields
+from typing import Callable
+from urllib.parse import urlsplit
 
 import gradio as gr
 
@@ -86,19 +90,57 @@ def aspect_for_image(height: int, width: int, preset) -> str:
     return closest_aspect_ratio(height, width, preset.sampling.aspect_ratios)
 
 
-def session_llm(server: LLMConfig, base_url: str | None, model: str | None, api_key: str | None) -> LLMConfig:
-    """The server's LLM settings with this session's non-empty overrides.
+def public_endpoint_problem(base_url: str, resolve: Callable = socket.getaddrinfo) -> str | None:
+    """Why a public studio must not call this visitor-typed LLM base URL, or None when it may.
+
+    A studio others can reach (a Space, a share link, a non-loopback host) would otherwise make requests from the
+    server to wherever a visitor points it: its own loopback services, the private network, a cloud metadata
+    address. Only http(s) URLs whose host resolves to public internet addresses pass. (A name that resolves
+    differently later, DNS rebinding, is not caught here.)"""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https"):
+        return "it must start with http:// or https://"
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "its port is not a number"
+    if not host:
+        return "it names no host"
+    try:
+        addresses = [ipaddress.ip_address(host)]  # a literal address needs no lookup
+    except ValueError:
+        try:
+            infos = resolve(host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, ValueError):
+            return f"{host} cannot be resolved"
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    for address in addresses:
+        if not address.is_global:
+            return f"{host} is {address}, a loopback, private or reserved address"
+    return None
+
+
+def session_llm(server: LLMConfig, base_url: str | None, model: str | None, api_key: str | None, *,
+                public: bool = False, resolve: Callable = socket.getaddrinfo) -> tuple[LLMConfig, str | None]:
+    """The server's LLM settings with this session's non-empty overrides, and a note when an override was refused.
 
     The server's key goes only to the server's own endpoint: a visitor who types another base URL (on a Space or
-    a share link) brings their own key, or none for a local server, and never receives the operator's."""
+    a share link) brings their own key, or none for a local server, and never receives the operator's. On a
+    `public` studio such a URL must also pass `public_endpoint_problem`; otherwise the server's settings stay and
+    the note says why."""
     base_url, model, api_key = ((value or "").strip() for value in (base_url, model, api_key))
     own_endpoint = not base_url or base_url.rstrip("/") == (server.base_url or "").rstrip("/")
+    if public and not own_endpoint:
+        problem = public_endpoint_problem(base_url, resolve)
+        if problem:
+            return server, (f"The base URL `{base_url}` is not used: {problem}. This studio is public, so it "
+                            "calls only public endpoints; the server's LLM setting stays.")
     try:
         return LLMConfig(base_url=base_url or server.base_url, model=model or server.model,
                          api_key=api_key or (server.api_key if own_endpoint else None),
-                         timeout_s=server.timeout_s, max_retries=server.max_retries)
-    except ValueError:
-        return server
+                         timeout_s=server.timeout_s, max_retries=server.max_retries), None
+    except ValueError as exc:
+        return server, f"These LLM settings are not used ({exc}); the server's stay."
 
 
 def remember_llm(base_url: str | None, model: str | None) -> dict:
@@ -118,13 +160,15 @@ def restore_llm(saved) -> tuple[str | None, str | None]:
     return pick("base_url"), pick("model")
 
 
-def llm_status(config: LLMConfig) -> str:
-    """One line saying whether refinement is available and, if not, why."""
+def llm_status(config: LLMConfig, note: str | None = None) -> str:
+    """One line saying whether refinement is available and, if not, why; `note` (a refused override) first."""
     if config.is_configured:
         where = config.base_url or "OpenAI"
-        return f"LLM ready: `{config.model}` at {where}."
-    return ("Prompt refinement and 'auto' motion are off: no LLM endpoint is configured. Start the server with "
-            "OPENAI_API_KEY (or OPENSORA_LLM_BASE_URL for a local server), or fill in *LLM settings* below.")
+        line = f"LLM ready: `{config.model}` at {where}."
+    else:
+        line = ("Prompt refinement and 'auto' motion are off: no LLM endpoint is configured. Start the server with "
+                "OPENAI_API_KEY (or OPENSORA_LLM_BASE_URL for a local server), or fill in *LLM settings* below.")
+    return f"{note} {line}" if note else line
 
 
 # ---- components ----------------------------------------------------------------------------------------------------

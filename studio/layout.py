@@ -257,8 +257,8 @@ def _wire_refine(demo, settings: StudioSettings, ui) -> None:
               [ctl.base_url, ctl.model], queue=False, api_visibility="private")
 
     def update_llm(base_url, model, api_key):
-        config = session_llm(settings.llm, base_url, model, api_key)
-        return config, gr.Button(interactive=config.is_configured), llm_status(config)
+        config, note = session_llm(settings.llm, base_url, model, api_key, public=settings.public)
+        return config, gr.Button(interactive=config.is_configured), llm_status(config, note)
 
     for box in (ctl.base_url, ctl.model, ctl.api_key):
         box.change(update_llm, [ctl.base_url, ctl.model, ctl.api_key], [ui.llm, ctl.button, ctl.status],

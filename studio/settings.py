@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from pipelines.prompt_refine import LLMConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS_DIR = REPO_ROOT / "assets"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def deployment_is_public(host: str | None, share: bool | None, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether others can reach the studio: a Hugging Face Space, a share link, or a non-loopback address (the
+    flags, else Gradio's own GRADIO_SERVER_NAME / GRADIO_SHARE variables)."""
+    host = host or environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    share = share or environ.get("GRADIO_SHARE", "").strip().lower() in ("1", "true", "yes")
+    return bool(environ.get("SPACE_ID")) or bool(share) or host not in LOOPBACK_HOSTS
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,7 @@ class StudioSettings:
     memory_refresh_s: float = 2.0
     llm: LLMConfig = field(default_factory=LLMConfig.from_env)  # server default; users may override per session
     gpu_decorator: Callable | None = None  # spaces.GPU on Hugging Face ZeroGPU, else None
+    public: bool = False  # others can reach it (a Space, a share link, a non-loopback host): see session_llm
     title: str = "Open-Sora Studio"
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from pipelines.prompt_refine import LLMConfig
 from studio.controls import (aspect_choices, aspect_for_image, duration_text, frames_from_seconds, llm_status,
                              parse_motion, session_llm)
 from studio.handlers import _field_for, build_options, refine, stop_job
+from studio.settings import deployment_is_public
 from pipelines.results import list_results
 from studio.history import settings_from_recipe
 from studio.jobs import EnginePool, SessionJob, run_job
@@ -264,20 +266,61 @@ def test_size_and_duration_helpers_show_real_numbers():
 def test_session_llm_overrides_and_never_shows_the_key():
     server = LLMConfig()
     assert not server.is_configured and "off" in llm_status(server)
-    config = session_llm(server, "http://localhost:9/v1", "", "sk-secret-key-123456789")
-    assert config.is_configured and config.model == server.model
+    config, note = session_llm(server, "http://localhost:9/v1", "", "sk-secret-key-123456789")
+    assert note is None and config.is_configured and config.model == server.model
     assert "sk-secret" not in llm_status(config) and "sk-secret" not in repr(config)
 
 
 
 def test_the_servers_key_never_goes_to_an_endpoint_a_visitor_typed():
     server = LLMConfig(api_key="sk-operator-key-123456789")  # OpenAI itself
-    assert session_llm(server, "", "gpt-x", "").api_key == server.api_key  # the server's endpoint, another model
-    elsewhere = session_llm(server, "https://attacker.example/v1", "", "")
+    assert session_llm(server, "", "gpt-x", "")[0].api_key == server.api_key  # the server's endpoint, another model
+    elsewhere, _ = session_llm(server, "https://attacker.example/v1", "", "")
     assert elsewhere.base_url == "https://attacker.example/v1" and elsewhere.api_key is None
-    assert session_llm(server, "https://attacker.example/v1", "", "sk-own").api_key == "sk-own"
+    assert session_llm(server, "https://attacker.example/v1", "", "sk-own")[0].api_key == "sk-own"
     local = LLMConfig(base_url="http://127.0.0.1:11434/v1/", api_key="sk-operator-key-123456789")
-    assert session_llm(local, "http://127.0.0.1:11434/v1", "", "").api_key == local.api_key  # same endpoint
+    assert session_llm(local, "http://127.0.0.1:11434/v1", "", "")[0].api_key == local.api_key  # same endpoint
+
+
+def _resolver(table: dict[str, list[str]]):
+    """A getaddrinfo stand-in (no DNS in tests): host -> its addresses; unknown hosts fail as getaddrinfo does."""
+    def resolve(host, port, type=0):
+        if host not in table:
+            raise socket.gaierror(f"unknown host {host}")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, type, 6, "", (a, port)) for a in table[host]]
+    return resolve
+
+
+def test_a_public_studio_calls_only_public_llm_endpoints_a_visitor_typed():
+    server = LLMConfig(base_url="http://10.0.0.5:8000/v1", api_key="sk-operator-key-123456789")
+    resolve = _resolver({"api.example.com": ["93.184.216.34"], "sneaky.example": ["93.184.216.34", "10.1.2.3"],
+                         "localhost": ["127.0.0.1"], "metadata.internal": ["169.254.169.254"],
+                         "v6.example": ["2606:4700::1111"], "mapped.example": ["::ffff:127.0.0.1"]})
+    refused = {"http://localhost:11434/v1": "127.0.0.1", "http://169.254.169.254/latest": "169.254.169.254",
+               "http://metadata.internal/": "169.254.169.254", "https://sneaky.example/v1": "10.1.2.3",
+               "http://[::1]:8000/v1": "is ::1", "http://192.168.1.20/v1": "192.168.1.20", "https://mapped.example/v1": "::ffff:7f00:1",
+               "file:///etc/passwd": "http://", "https://nowhere.example/v1": "cannot be resolved",
+               "https://api.example.com:notaport/v1": "port", "http:///v1": "no host"}
+    for url, why in refused.items():
+        config, note = session_llm(server, url, "", "sk-own", public=True, resolve=resolve)
+        assert config is server and why in note and "not used" in note, url  # the server's settings stay, said
+        assert note in llm_status(config, note) and "LLM ready" in llm_status(config, note)
+    for url in ("https://api.example.com/v1", "http://v6.example:8080/v1"):
+        config, note = session_llm(server, url, "", "sk-own", public=True, resolve=resolve)
+        assert note is None and config.base_url == url and config.api_key == "sk-own"
+    # the server's own endpoint (private, set by the operator) is always allowed; so is anything on a local studio
+    assert session_llm(server, "http://10.0.0.5:8000/v1/", "", "", public=True, resolve=resolve)[0].api_key
+    local, note = session_llm(server, "http://localhost:11434/v1", "", "", public=False, resolve=resolve)
+    assert note is None and local.base_url == "http://localhost:11434/v1"
+
+
+def test_which_deployments_count_as_public():
+    assert not deployment_is_public(None, None, {})  # gradio's default: loopback, no share link
+    assert not deployment_is_public("localhost", False, {}) and not deployment_is_public("::1", None, {})
+    assert deployment_is_public("0.0.0.0", None, {}) and deployment_is_public(None, True, {})
+    assert deployment_is_public(None, None, {"SPACE_ID": "user/studio"})
+    assert deployment_is_public(None, None, {"GRADIO_SERVER_NAME": "0.0.0.0"})
+    assert deployment_is_public(None, None, {"GRADIO_SHARE": "True"})
 
 
 def test_refine_fills_the_separate_box_through_an_openai_compatible_server():
