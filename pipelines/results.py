@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 MEDIA_SUFFIXES = (".mp4", ".png")
 
@@ -21,9 +22,10 @@ class ResultFiles:
     recipe: Path
 
 
-def list_results(out_dir: str | os.PathLike, limit: int = 50) -> list[ResultFiles]:
+def list_results(out_dir: str | os.PathLike, limit: int = 50,
+                 stems: Collection[str] | None = None) -> list[ResultFiles]:
     """Complete results (media and recipe) in out_dir, newest first; hidden, temporary and partial files are
-    skipped."""
+    skipped. `stems`: only the results with these file stems (e.g. one session's own)."""
     if not isinstance(limit, int) or limit < 0:
         raise ValueError(f"limit must be a non-negative integer, got {limit!r}.")
     folder = Path(out_dir)
@@ -36,6 +38,8 @@ def list_results(out_dir: str | os.PathLike, limit: int = 50) -> list[ResultFile
         if not name.endswith(".json") or ".partial." in name:
             continue
         stem = name[: -len(".json")]
+        if stems is not None and stem not in stems:
+            continue
         media = next((stem + suffix for suffix in MEDIA_SUFFIXES if stem + suffix in names), None)
         if media is None:
             continue

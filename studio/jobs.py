@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterator, Sequence
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,11 @@ class SessionJob:
     stopped_up_to: int = -1  # runs numbered up to this one were asked to stop
     finish_up_to: int = -1  # ... to stop after the segment they are making (Extend in segments)
     running: bool = False
+    made: list[str] = field(default_factory=list)  # file stems of the results this session saved
+
+    def record(self, path: str) -> None:
+        """A run of this session saved a result (the History of a public studio lists only these)."""
+        self.made.append(Path(path).stem)
 
     def start(self) -> int:
         """Begin a new run; returns its number."""

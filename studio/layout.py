@@ -93,15 +93,16 @@ def _build_outputs() -> dict:
 
 
 def _wire_history(demo, shared: SharedControls, tabs_component, tab_list, mode_state, parts: dict,
-                  settings: StudioSettings, video):
+                  settings: StudioSettings, video, job_state):
     gallery, paths_state, selected, recipe_view, load = (parts[k] for k in ("gallery", "paths", "selected",
                                                                             "recipe", "load"))
     # The tabs' own settings (image first, image position, direction, easy, segments): not their media.
     tab_settings = [(name, component) for tab in tab_list
                     for name, component in zip(TAB_NAMES[tab.mode], tab.inputs) if name not in MEDIA_INPUTS]
 
-    def refresh():
-        items = list_results(settings.output_dir, settings.history_limit)
+    def refresh(job: SessionJob):
+        # A public studio is one server for everyone: each visitor's History shows only their own results.
+        items = list_results(settings.output_dir, settings.history_limit, job.made if settings.public else None)
         value = gallery_value(items)
         shown = {caption for _, caption in value}
         return value, [(str(item.recipe), str(item.media)) for item in items if item.media.stem in shown]
@@ -122,18 +123,19 @@ def _wire_history(demo, shared: SharedControls, tabs_component, tab_list, mode_s
         return (updates + [gr.Tabs(selected=mode) if mode else gr.skip(), mode or gr.skip()]
                 + [values.get(name, gr.skip()) for name, _ in tab_settings])
 
-    parts["refresh"].click(refresh, None, [gallery, paths_state], queue=False, api_visibility="private")
+    parts["refresh"].click(refresh, job_state, [gallery, paths_state], queue=False, api_visibility="private")
     # Selecting a result also puts it in the player, so it can be downloaded or sent to Extend.
     gallery.select(on_select, paths_state, [recipe_view, selected, video], queue=False, api_visibility="private")
     load.click(load_settings, selected,
                shared.inputs() + [tabs_component, mode_state] + [component for _, component in tab_settings],
                api_visibility="private")
-    demo.load(refresh, None, [gallery, paths_state], queue=False, api_visibility="private")
+    demo.load(refresh, job_state, [gallery, paths_state], queue=False, api_visibility="private")
     return refresh
 
 
-def _build_history() -> dict:
-    with gr.Accordion("History: results on this server", open=True):
+def _build_history(public: bool) -> dict:
+    title = "History: your results in this session" if public else "History: results on this server"
+    with gr.Accordion(title, open=True):
         gallery = gr.Gallery(label="Results (newest first): select one to play it and see its recipe", columns=8,
                              height=220, allow_preview=False, object_fit="contain", elem_id="history")
         with gr.Row():
@@ -167,12 +169,13 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
                 settings_parts, duration = build_settings_block(preset)
             with gr.Column(scale=4):
                 out = _build_outputs()
-                panels = build_panels(pool, settings.memory_refresh_s)
-        history = _build_history()
+                panels = build_panels(pool, settings.memory_refresh_s, allow_unload=not settings.public)
+        history = _build_history(settings.public)
         shared = SharedControls(**prompt_parts, **settings_parts)
         wire_settings(preset, shared, duration)
         wire_estimate(pool, shared, panels)
-        refresh_history = _wire_history(demo, shared, tabs, tab_list, mode_state, history, settings, out["video"])
+        refresh_history = _wire_history(demo, shared, tabs, tab_list, mode_state, history, settings, out["video"],
+                                        job_state)
         ui = SimpleNamespace(tabs=tabs, tab_list=tab_list, shared=shared, out=out, panels=panels, history=history,
                              refresh_history=refresh_history, job=job_state, llm=llm_state, mode=mode_state,
                              refine=refine_ctl)
@@ -201,7 +204,7 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
                                  api_visibility="private", show_progress="hidden").then(
             handler, inputs, outputs, api_name=tab.mode, concurrency_id="gpu", concurrency_limit=len(pool),
             validator=make_validator(pool, tab.mode), show_progress="full", show_progress_on=[out["video"]])
-        event.then(ui.refresh_history, None, [ui.history["gallery"], ui.history["paths"]], queue=False,
+        event.then(ui.refresh_history, ui.job, [ui.history["gallery"], ui.history["paths"]], queue=False,
                    api_visibility="private").then(lambda: param_rows(pool), None, ui.panels.params, queue=False,
                                                   api_visibility="private")
         events.append(event)

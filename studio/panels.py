@@ -98,15 +98,16 @@ class Panels:
     unload_status: gr.Markdown
 
 
-def build_panels(pool: EnginePool, refresh_s: float) -> Panels:
-    """Memory panel with its timer and estimate, the parameters table and the unload button."""
+def build_panels(pool: EnginePool, refresh_s: float, allow_unload: bool = True) -> Panels:
+    """Memory panel with its timer and estimate, the parameters table and the unload button (left out with
+    `allow_unload=False`: on a public studio one visitor must not unload everyone's models)."""
     with gr.Accordion("Memory", open=True):
         memory = gr.Markdown(memory_markdown(pool), elem_id="memory-panel")
         s = pool.preset.sampling
         estimate = gr.Markdown(estimate_markdown(pool, s.resolution, s.aspect_ratio, s.num_frames),
                                elem_id="memory-estimate")
         timer = gr.Timer(refresh_s)
-        with gr.Row():
+        with gr.Row(visible=allow_unload):
             unload = gr.Button("Free memory / unload models", size="sm", elem_id="unload")
         unload_status = gr.Markdown("")
     with gr.Accordion("Parameters", open=False):
@@ -115,5 +116,7 @@ def build_panels(pool: EnginePool, refresh_s: float) -> Panels:
     # Outside the GPU queue: the panel keeps refreshing while a long job holds the device.
     timer.tick(lambda: memory_markdown(pool), None, memory, queue=False, api_visibility="private",
                show_progress="hidden")
-    unload.click(lambda: unload_models(pool), None, [unload_status, params], queue=False, api_visibility="private")
+    if allow_unload:
+        unload.click(lambda: unload_models(pool), None, [unload_status, params], queue=False,
+                     api_visibility="private")
     return Panels(memory, estimate, timer, params, unload, unload_status)

@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -70,7 +71,7 @@ class FakeEngine:
             on_event(SimpleNamespace(kind="progress", step=step, total=self.steps, elapsed_s=step, eta_s=1.0))
             on_event(SimpleNamespace(kind="preview", image=np.full((2, 2, 3), step, np.uint8), step=step))
             time.sleep(self.delay_s)
-        return SimpleNamespace(seed=1, video_path="x.mp4")
+        return SimpleNamespace(seed=1, video_path="x.mp4", recipe={"seed": 1}, warnings=[])
 
     def unload(self):
         self.unloaded += 1
@@ -395,6 +396,28 @@ def test_load_these_settings_fills_every_wired_output_and_the_mode(tmp_path):
     assert len(fn.fn(None)) == len(fn.outputs)  # nothing selected: a warning, and nothing changes
 
 
+def test_a_public_studio_shows_each_visitor_only_their_own_results_and_no_unload(tmp_path):
+    from studio import StudioSettings, build_demo
+
+    for stem in ("mine", "theirs", "older"):
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"mode": "t2v", "seed": 1}))
+        (tmp_path / f"{stem}.png").write_bytes(b"")  # single-frame results: the gallery shows them as they are
+    assert [r.media.name for r in list_results(tmp_path, stems={"mine", "gone"})] == ["mine.png"]
+    job = SessionJob()
+    job.record(str(tmp_path / "mine.png"))
+    for public, shown in ((True, ["mine.png"]), (False, ["mine.png", "older.png", "theirs.png"])):
+        demo = build_demo(EnginePool([FakeEngine()]), StudioSettings(output_dir=tmp_path, public=public))
+        gallery = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "history")
+        unload = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "unload")
+        refresh = next(f for f in demo.fns.values() if f.fn.__name__ == "refresh"
+                       and gallery._id in [block._id for block in f.outputs])
+        _, paths = refresh.fn(job)
+        assert sorted(Path(media).name for _, media in paths) == shown
+        assert any(unload._id == t[0] for f in demo.fns.values() for t in f.targets) is not public
+        titles = [b.label for b in demo.blocks.values() if type(b).__name__ == "Accordion"]
+        assert ("History: your results in this session" in titles) is public
+
+
 def test_units_read_well():
     assert format_bytes(1536) == "1.50 KiB" and format_bytes(None) == "n/a"
     assert format_count(11_890_000_000) == "11.89B" and format_count(512) == "512"
@@ -421,6 +444,20 @@ def test_memory_verdict_uses_the_tightest_device_and_a_run_that_will_not_fit_war
     statuses = [out[3] for out in outputs[:-1]]
     assert all("run out of memory" in status for status in statuses)
     assert outputs[-1] == ("done",)  # the run went ahead
+
+
+def test_a_sessions_finished_results_are_what_its_history_can_list():
+    import gradio as gr
+
+    from studio.handlers import generate
+
+    values = {"prompt": "a red circle", "resolution": "256px", "aspect_ratio": "1:1", "num_frames": 33}
+    job = SessionJob()
+    outputs = list(generate(EnginePool([FakeEngine(steps=2)]), "t2v", values, job, LLMConfig()))
+    assert outputs[-1][0] == "x.mp4" and job.made == ["x"]
+    with pytest.raises(gr.Error, match="boom"):
+        list(generate(EnginePool([FakeEngine(fail=RuntimeError("boom"))]), "t2v", values, job, LLMConfig()))
+    assert job.made == ["x"]  # a failed run saved nothing
 
 
 def test_browser_remembers_the_llm_endpoint_and_model_but_never_the_key():
