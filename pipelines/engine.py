@@ -172,6 +172,8 @@ class Engine:
                                    dtype=pick_dtype(self.device, self.preset.official),
                                    offload_plan=OFFLOAD_PLAN if self.offload else None)
         held = sum(estimate.weights.values()) if self._components is not None else 0
+        if self.offload:  # the weights wait in RAM between their stages (offloading is CUDA only)
+            estimate = replace(estimate, host_available=available_bytes("cpu", held))
         return estimate, available_bytes(self.device, held)
 
     def _place(self, stage: str) -> None:

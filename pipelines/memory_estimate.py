@@ -47,6 +47,8 @@ class MemoryEstimate:
     weights: dict[str, int]
     stages: dict[str, int]
     device_type: str
+    host: int = 0  # RAM the run holds besides the device's: with offloading, every model's weights live there
+    host_available: int | None = None  # what the host has for it (set by the engine; None: not judged)
 
     @property
     def peak(self) -> int:
@@ -58,12 +60,18 @@ class MemoryEstimate:
         return max(reversed(list(self.stages)), key=self.stages.get)
 
     def verdict(self, available: int) -> tuple[bool, str]:
-        """(fits, one line for the UI) against `available` bytes."""
+        """(fits, one line for the UI) against `available` bytes of the device, and, when offloading, the host's
+        RAM against `host_available`."""
         where = "GPU" if self.device_type == "cuda" else "RAM"
         text = f"Estimated peak {format_bytes(self.peak)} of {where} (in {self.peak_stage.replace('_', ' ')})"
-        if self.peak <= available:
-            return True, f"{text}; {format_bytes(available)} available."
-        return False, f"{text}, more than the {format_bytes(available)} available: it will likely run out of memory."
+        host = f" plus {format_bytes(self.host)} of RAM for the offloaded weights" if self.host else ""
+        if self.peak > available:
+            return False, (f"{text}{host}, more than the {format_bytes(available)} available: it will likely run "
+                           "out of memory.")
+        if self.host and self.host_available is not None and self.host > self.host_available:
+            return False, (f"{text}{host}, more than the {format_bytes(self.host_available)} of RAM available: "
+                           "the offloaded weights will likely not fit.")
+        return True, f"{text}{host}; {format_bytes(available)} available."
 
 
 @functools.lru_cache(maxsize=8)
@@ -143,4 +151,5 @@ def estimate_memory(preset: ModelPreset, opts: ResolvedOptions, *, device_type: 
     for stage, extra in activations.items():
         resident = offload_plan[stage] if offload_plan else weights
         stages[stage] = sum(weights[name] for name in resident) + int(extra * HEADROOM)
-    return MemoryEstimate(weights, stages, device_type)
+    # Offloaded models load into RAM and wait there between their stages: the host holds all of them at load.
+    return MemoryEstimate(weights, stages, device_type, host=sum(weights.values()) if offload_plan else 0)

@@ -1,6 +1,7 @@
 """The memory estimate made before a run: exact weights, activations that scale with the request, the verdict."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -69,6 +70,13 @@ def test_offloading_keeps_only_each_stages_models_resident():
     assert offloaded.stages["sample"] == full.stages["sample"] - full.weights["vae"] - full.weights["text_encoder"]
     assert offloaded.stages["encode_text"] == full.weights["text_encoder"]
     assert offloaded.peak < full.peak
+    # ... while the host keeps every model's weights in RAM, which the verdict judges too
+    assert full.host == 0 and offloaded.host == sum(full.weights.values())
+    roomy = offloaded.verdict(2 * offloaded.peak)
+    assert roomy[0] and "of RAM for the offloaded weights" in roomy[1]
+    fits, line = replace(offloaded, host_available=offloaded.host // 2).verdict(2 * offloaded.peak)
+    assert not fits and "of RAM available" in line
+    assert replace(offloaded, host_available=offloaded.host).verdict(2 * offloaded.peak)[0]
 
 
 def test_published_768px_peak_is_reproduced_within_ten_percent():
