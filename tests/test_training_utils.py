@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.training.ema import create_ema, update_ema
+from pipelines.training.ema import create_ema, place_ema, update_ema
 from pipelines.training.lr_schedulers import (
     CosineAnnealingWarmupLR,
     LinearWarmupLR,
@@ -91,6 +91,25 @@ def test_update_ema_names_a_mismatched_model():
     other.add_module("extra", nn.Linear(8, 1))
     with pytest.raises(ValueError, match="extra.weight"):
         update_ema(ema, other)
+
+
+def test_the_ema_follows_the_model_to_its_device_unless_the_model_is_sharded():
+    ema = create_ema(tiny_model())
+    moved = place_ema(ema, "meta", sharded=False)  # stands in for the GPU: any device the model trains on
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in moved.parameters())
+    kept = place_ema(create_ema(tiny_model()), "meta", sharded=True)
+    assert all(p.device.type == "cpu" for p in kept.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_ema_on_the_gpu_updates_in_place_there():
+    model = tiny_model().cuda()
+    ema = place_ema(create_ema(model), "cuda", sharded=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    update_ema(ema, model, decay=0.5)
+    assert all(p.is_cuda for p in ema.parameters())
 
 
 # ---- LR schedulers ----------------------------------------------------------------------------

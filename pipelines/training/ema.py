@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pipelines.training.distributed import unwrap_model
 
-__all__ = ["create_ema", "update_ema"]
+__all__ = ["create_ema", "place_ema", "update_ema"]
 
 
 def create_ema(model: nn.Module) -> nn.Module:
@@ -27,6 +27,13 @@ def create_ema(model: nn.Module) -> nn.Module:
     ema.eval()
     ema.requires_grad_(False)
     return ema
+
+
+def place_ema(ema_model: nn.Module, device: torch.device | str, sharded: bool) -> nn.Module:
+    """Keep the EMA beside the weights it follows: on the training device, so each update is one kernel per
+    parameter instead of a device-to-host copy. A sharded model (FSDP, ZeRO) is sharded because a full copy does
+    not fit one device, so its EMA stays in host memory."""
+    return ema_model if sharded else ema_model.to(device)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from pipelines.training.checkpoint_io import CheckpointIO
 from pipelines.training.conditions import build_condition, conditioned_frame_mask
 from pipelines.training.distributed import (DistributedConfig, all_reduce_mean, all_reduce_min, cleanup, create_engine,
                                             is_main_process, setup_distributed)
-from pipelines.training.ema import create_ema, update_ema
+from pipelines.training.ema import create_ema, place_ema, update_ema
 from pipelines.training.latent_pool import TextCache, build_latent_pool
 from pipelines.training.losses import (dropout_condition, edge_loss, flow_interpolate, flow_target, get_batch_loss,
                                        sample_timesteps)
@@ -289,6 +289,8 @@ def train(cfg: TrainConfig, load: str | None = None) -> TrainResult:
     engine = create_engine(model, DistributedConfig(backend=backend, grad_clip=cfg.optim.grad_clip), state,
                            lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                            eps=cfg.optim.eps)
+    if ema is not None and backend in ("none", "ddp"):  # sharded backends keep it in host memory
+        ema = place_ema(ema, model_device(engine.unwrapped_model), sharded=False)
     scheduler = build_scheduler(engine.torch_optimizer, cfg)
     ckpt_io, ckpt_dir = CheckpointIO(keep_n_latest=cfg.keep_n_latest), Path(cfg.outputs) / "checkpoints"
     step, spent_s = 0, 0.0
