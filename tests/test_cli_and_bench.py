@@ -115,6 +115,7 @@ def test_sampler_bench_smoke_compares_the_two_samplers(tmp_path):
                    timeout=300, capture_output=True)
     info = json.loads(out.read_text())
     assert info["frames"] == 9 and info["t2v_call_ratio"] > 1.5 and info["i2v_call_ratio"] > 1.0
+    assert info["size"] == [64, 64]  # the preset's default frame size
     assert {(r["mode"], r["sampler"]) for r in info["rows"]} == {(m, s) for m in ("t2v", "i2v")
                                                                   for s in ("skipping", "three-branch")}
 
