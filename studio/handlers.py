@@ -9,13 +9,14 @@ from __future__ import annotations
 import html
 import inspect
 import logging
+import secrets
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 
-from pipelines.options import GenerationOptions, OptionsError
+from pipelines.options import MAX_SEED, GenerationOptions, OptionsError
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_kind, refine_prompt
 from pipelines.text import has_segment_prompts, split_segment_markers
 from pipelines.units import format_seconds
@@ -219,6 +220,8 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
         options = check_request(pool, mode, values)
     except ValueError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
+    if options.seed is None:  # drawn here, not in the engine, so a stopped or failed run still shows its seed
+        options = replace(options, seed=secrets.randbelow(MAX_SEED + 1))
     llm = values.get("llm") or server_llm
     fits, memory = memory_note(pool, options)
     if not fits:  # a warning, not a refusal: the estimate is approximate and the run may still fit
@@ -227,7 +230,7 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
     started = time.perf_counter()
     run_id = job.start()
     try:
-        yield gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate(), warning), gr.skip()
+        yield gr.skip(), gr.skip(), options.seed, status_html(JobUpdate(), warning), gr.skip()
         options = _resolve_motion(options, llm)
         for update, outputs in _stream(pool, options, job, run_id, progress, warning, llm):
             yield outputs

@@ -58,7 +58,7 @@ class FakeEngine:
         return MemoryEstimate(weights={"mmdit": 1}, stages={"sample": self.need}, device_type="cpu"), self.available
 
     def run(self, options, on_event, should_stop, llm=None, finish_segment=lambda: False):
-        self.llm = llm
+        self.llm, self.options = llm, options
         on_event(SimpleNamespace(kind="stage", stage="sample", message="Sampling"))
         for step in range(1, self.steps + 1):
             if should_stop():
@@ -458,6 +458,23 @@ def test_a_sessions_finished_results_are_what_its_history_can_list():
     with pytest.raises(gr.Error, match="boom"):
         list(generate(EnginePool([FakeEngine(fail=RuntimeError("boom"))]), "t2v", values, job, LLMConfig()))
     assert job.made == ["x"]  # a failed run saved nothing
+
+
+def test_a_random_seed_is_drawn_before_the_run_and_shown_even_when_it_is_stopped():
+    from studio.handlers import generate
+
+    values = {"prompt": "a red circle", "randomize_seed": True, "seed": 5}
+    engine = FakeEngine(steps=50, delay_s=0.02)
+    job = SessionJob()
+    outputs = generate(EnginePool([engine]), "t2v", values, job, LLMConfig())
+    first = next(outputs)  # the first update, before any step: the seed box already holds this run's seed
+    assert isinstance(first[2], int) and first[2] != 5
+    while getattr(engine, "options", None) is None:  # the run has started
+        next(outputs)
+    job.request_stop()
+    rest = list(outputs)
+    assert engine.options.seed == first[2]  # the engine ran with the seed that was shown
+    assert "Stopped" in rest[-1][3]
 
 
 def test_browser_remembers_the_llm_endpoint_and_model_but_never_the_key():
