@@ -68,6 +68,19 @@ def duration_text(num_frames, fps) -> str:
     return f"{frames} frames = **{frames / rate:.2f} s** at {rate} fps{hint}"
 
 
+def seconds_range(num_frames, fps, max_frames: int) -> tuple[float, float] | None:
+    """(duration, longest duration) in seconds for the Duration slider at this frame count and fps; None when
+    either cannot be read (the slider stays as it is)."""
+    try:
+        frames, rate = int(num_frames), int(fps)
+    except (TypeError, ValueError):
+        return None
+    if rate <= 0 or frames <= 0:
+        return None
+    longest = round(max_frames / rate, 2)
+    return min(round(frames / rate, 2), longest), longest
+
+
 def frames_from_seconds(seconds, fps, max_frames: int) -> int:
     """Duration slider -> frame count snapped to 4k+1 (pipelines.options.frames_for_seconds)."""
     return frames_for_seconds(float(seconds or 0), int(fps or 1), max_frames)
@@ -300,6 +313,11 @@ def wire_settings(preset, shared: SharedControls, duration: DurationControls) ->
                                api_visibility="private")
     duration.seconds.input(lambda sec, fps: frames_from_seconds(sec, fps, max_frames), [duration.seconds, shared.fps],
                            shared.num_frames, queue=False, api_visibility="private")
-    for source in (shared.num_frames, shared.fps):
-        source.change(duration_text, [shared.num_frames, shared.fps], duration.text, queue=False,
-                      api_visibility="private")
+    def on_frames_or_fps(num_frames, fps):
+        seconds = seconds_range(num_frames, fps, max_frames)
+        slider = gr.skip() if seconds is None else gr.Slider(value=seconds[0], maximum=seconds[1])
+        return duration_text(num_frames, fps), slider
+
+    for source in (shared.num_frames, shared.fps):  # frames, fps or Load settings -> the text and the slider
+        source.change(on_frames_or_fps, [shared.num_frames, shared.fps], [duration.text, duration.seconds],
+                      queue=False, api_visibility="private")

@@ -16,7 +16,7 @@ from pipelines.options import OptionsError
 from pipelines.presets import get_preset
 from pipelines.prompt_refine import LLMConfig
 from studio.controls import (aspect_choices, aspect_for_image, duration_text, frames_from_seconds, llm_status,
-                             parse_motion, session_llm)
+                             parse_motion, seconds_range, session_llm)
 from studio.handlers import _field_for, build_options, refine, stop_job
 from studio.settings import deployment_is_public
 from pipelines.results import list_results
@@ -259,6 +259,9 @@ def test_size_and_duration_helpers_show_real_numbers():
     labels = dict((value, label) for label, value in aspect_choices(preset, "256px"))
     assert labels["16:9"].endswith("px") and "×" in labels["16:9"]
     assert frames_from_seconds(2.0, 24, 129) == 49 and frames_from_seconds(100, 24, 129) == 129
+    # ... and back: typed frames or a new fps move the Duration slider, whose end follows the fps
+    assert seconds_range(49, 24, 129) == (2.04, 5.38) and seconds_range(129, 8, 129) == (16.12, 16.12)
+    assert seconds_range(None, 24, 129) is None and seconds_range(33, 0, 129) is None
     assert "2.04 s" in duration_text(49, 24) and "4k+1" in duration_text(50, 24)
     assert aspect_for_image(720, 1280, preset) == "16:9" and aspect_for_image(500, 500, preset) == "1:1"
     assert parse_motion("auto") == "auto" and parse_motion("5") == 5 and parse_motion(None) is None
