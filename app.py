@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=16, help="jobs that may wait in the queue")
     parser.add_argument("--root-path", default=None,
                         help="URL prefix when served behind a reverse proxy, e.g. /studio (or GRADIO_ROOT_PATH)")
+    parser.add_argument("--public", action="store_true",
+                        help="treat the studio as reachable by others (automatic for Spaces, --share, --root-path "
+                             "and non-loopback hosts): per-session History, no Unload, visitor LLM URLs checked")
     parser.add_argument("--mcp", action="store_true", default=None,
                         help="also serve the named endpoints (/t2v, /i2v, /loop, /extend, /stop, "
                              "/stop_after_segment) as MCP tools (needs: pip install 'gradio[mcp]')")
@@ -89,7 +92,7 @@ def create_settings(args: argparse.Namespace) -> StudioSettings:
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator(args.preset),
-                          public=deployment_is_public(args.host, args.share))
+                          public=deployment_is_public(args.host, args.share, args.root_path, args.public))
 
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, settings: StudioSettings, **kwargs):

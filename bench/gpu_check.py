@@ -59,13 +59,14 @@ def branch_evals_full_run(opts: GuidanceOptions, cond_type: str, t_lat: int, ski
 
 def warm_up(model, t_lat, h_lat, w_lat, txt_len, device, dtype) -> None:
     """One forward at each guidance batch a run uses (1, 2 and 3 branches), so nothing timed later is a first call
-    at its shape (a compiled model recompiles per shape; kernels pick their algorithms on first use)."""
+    at its shape (a compiled model recompiles per shape and stride; kernels pick their algorithms on first use).
+    The inputs are laid out as `denoise` lays them out (the position ids expanded, not copied)."""
     cfg = model.config
     n_tok = t_lat * (h_lat // 2) * (w_lat // 2)
     for k in (1, 2, 3):
         with torch.inference_mode():
             model(img=torch.randn(k, n_tok, cfg.in_channels, device=device, dtype=dtype),
-                  img_ids=prepare_img_ids(k, t_lat, h_lat, w_lat, device=device).to(dtype),
+                  img_ids=prepare_img_ids(1, t_lat, h_lat, w_lat, device=device).to(dtype).expand(k, -1, -1),
                   txt=torch.randn(k, txt_len, cfg.context_in_dim, device=device, dtype=dtype),
                   txt_ids=prepare_txt_ids(k, txt_len, device).to(dtype),
                   y_vec=torch.randn(k, cfg.vec_in_dim, device=device, dtype=dtype),

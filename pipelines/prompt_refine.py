@@ -231,6 +231,9 @@ def _chat(config: LLMConfig, messages: list[dict], max_tokens: int) -> str:
         base_url=config.base_url or OPENAI_BASE_URL,
         timeout=config.timeout_s,
         max_retries=config.max_retries,
+        # Never follow redirects: a chat endpoint has no reason to send one, and a public studio checks only the
+        # address it was given (studio.controls.public_endpoint_problem), not where a redirect would lead.
+        http_client=openai.DefaultHttpxClient(follow_redirects=False),
     )
     logger.info("LLM request to %s (model %s)", config.base_url or OPENAI_BASE_URL, config.model)
     try:

@@ -6,9 +6,11 @@ tests can check them without a browser.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass, fields
 from typing import Callable
 from urllib.parse import urlsplit
@@ -22,6 +24,7 @@ from pipelines.sizes import closest_aspect_ratio, get_image_size, round_up
 log = logging.getLogger(__name__)
 
 AUTO_MOTION = "auto"
+NOT_PUBLIC = "its host does not resolve to a public internet address"
 LLM_STORAGE_KEY = "open-sora-studio-llm"  # the browser's localStorage entry for the LLM endpoint and model
 _MOTION_WORDS = {1: "still", 2: "very slow", 3: "slow", 4: "steady", 5: "lively", 6: "fast", 7: "very fast"}
 MOTION_CHOICES = [(f"{score} · {word}", str(score)) for score, word in _MOTION_WORDS.items()] + \
@@ -108,15 +111,17 @@ def public_endpoint_problem(base_url: str, resolve: Callable = socket.getaddrinf
 
     A studio others can reach (a Space, a share link, a non-loopback host) would otherwise make requests from the
     server to wherever a visitor points it: its own loopback services, the private network, a cloud metadata
-    address. Only http(s) URLs whose host resolves to public internet addresses pass. (A name that resolves
-    differently later, DNS rebinding, is not caught here.)"""
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https"):
-        return "it must start with http:// or https://"
+    address. Only http(s) URLs whose host resolves to public internet addresses pass. The reason given is the
+    same for every refused host, so a visitor cannot map the server's network by trying names (the server's log
+    has the details). Redirects are never followed (pipelines.prompt_refine); a name that resolves differently
+    later (DNS rebinding) is not caught here."""
     try:
+        parts = urlsplit(base_url)
         host, port = parts.hostname, parts.port
     except ValueError:
-        return "its port is not a number"
+        return "it is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "it must start with http:// or https://"
     if not host:
         return "it names no host"
     try:
@@ -124,13 +129,22 @@ def public_endpoint_problem(base_url: str, resolve: Callable = socket.getaddrinf
     except ValueError:
         try:
             infos = resolve(host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError, ValueError):
-            return f"{host} cannot be resolved"
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-    for address in addresses:
-        if not address.is_global:
-            return f"{host} is {address}, a loopback, private or reserved address"
+            addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        except (OSError, UnicodeError, ValueError) as exc:
+            log.info("visitor LLM URL refused: %s does not resolve (%s)", host, exc)
+            return NOT_PUBLIC
+    private = [str(address) for address in addresses if not address.is_global]
+    if private:
+        log.info("visitor LLM URL refused: %s is %s", host, ", ".join(private))
+        return NOT_PUBLIC
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_recently(base_url: str, minute: int) -> str | None:
+    """public_endpoint_problem, looked up at most once a minute per URL (the settings boxes re-check on every
+    keystroke)."""
+    return public_endpoint_problem(base_url)
 
 
 def session_llm(server: LLMConfig, base_url: str | None, model: str | None, api_key: str | None, *,
@@ -144,7 +158,8 @@ def session_llm(server: LLMConfig, base_url: str | None, model: str | None, api_
     base_url, model, api_key = ((value or "").strip() for value in (base_url, model, api_key))
     own_endpoint = not base_url or base_url.rstrip("/") == (server.base_url or "").rstrip("/")
     if public and not own_endpoint:
-        problem = public_endpoint_problem(base_url, resolve)
+        problem = (_checked_recently(base_url, int(time.monotonic() // 60)) if resolve is socket.getaddrinfo
+                   else public_endpoint_problem(base_url, resolve))
         if problem:
             return server, (f"The base URL `{base_url}` is not used: {problem}. This studio is public, so it "
                             "calls only public endpoints; the server's LLM setting stays.")

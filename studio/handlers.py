@@ -234,12 +234,12 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
         options = _resolve_motion(options, llm)
         for update, outputs in _stream(pool, options, job, run_id, progress, warning, llm):
             yield outputs
-        yield from _finish(update, started, job)
+        yield from _finish(update, started)
     finally:
         job.finish(run_id)
 
 
-def _finish(update: JobUpdate, started: float, job: SessionJob):
+def _finish(update: JobUpdate, started: float):
     if update.stopped:
         yield (gr.skip(), gr.skip(), gr.skip(),
                status_html(replace(update, message="Stopped"), "The job was stopped; the studio is ready."),
@@ -248,7 +248,6 @@ def _finish(update: JobUpdate, started: float, job: SessionJob):
     if update.error is not None:
         _raise_for(update)
     result = update.result
-    job.record(result.video_path)
     for warning in result.warnings:
         gr.Warning(warning)
     recipe = dict(result.recipe)

@@ -7,6 +7,7 @@ Nothing here imports torch: engines are created by app.py and handed in, and onl
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field, replace
@@ -107,9 +108,11 @@ class SessionJob:
     running: bool = False
     made: list[str] = field(default_factory=list)  # file stems of the results this session saved
 
-    def record(self, path: str) -> None:
+    def record(self, path: str | os.PathLike | None) -> None:
         """A run of this session saved a result (the History of a public studio lists only these)."""
-        self.made.append(Path(path).stem)
+        stem = Path(path).stem if path else None
+        if stem and stem not in self.made:
+            self.made.append(stem)
 
     def start(self) -> int:
         """Begin a new run; returns its number."""
@@ -183,6 +186,7 @@ def _work(pool: EnginePool, options, job: SessionJob, run_id: int, events: queue
         events.put(("device", str(getattr(engine, "device", ""))))
         result = engine.run(options, on_event=events.put, should_stop=lambda: job.should_stop(run_id),
                             finish_segment=lambda: job.should_finish_segment(run_id), llm=llm)  # llm: the session's
+        job.record(result.video_path)  # also a run stopped after a segment, whose handler was cancelled
         events.put(_Outcome(result=result))
     except BaseException as exc:  # the UI reports it; the worker thread must never die silently
         events.put(_Outcome(error=exc))

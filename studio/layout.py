@@ -204,9 +204,13 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
                                  api_visibility="private", show_progress="hidden").then(
             handler, inputs, outputs, api_name=tab.mode, concurrency_id="gpu", concurrency_limit=len(pool),
             validator=make_validator(pool, tab.mode), show_progress="full", show_progress_on=[out["video"]])
-        event.then(ui.refresh_history, ui.job, [ui.history["gallery"], ui.history["paths"]], queue=False,
-                   api_visibility="private").then(lambda: param_rows(pool), None, ui.panels.params, queue=False,
-                                                  api_visibility="private")
+        # The worker records what it saved; on ZeroGPU it runs in a forked process, so record the shown result here
+        # too (recording is idempotent).
+        recorded = event.then(lambda video, job: job.record(video), [out["video"], ui.job], None, queue=False,
+                              api_visibility="private")
+        recorded.then(ui.refresh_history, ui.job, [ui.history["gallery"], ui.history["paths"]], queue=False,
+                      api_visibility="private").then(lambda: param_rows(pool), None, ui.panels.params, queue=False,
+                                                     api_visibility="private")
         events.append(event)
         tab.tab.select(lambda mode=tab.mode: mode, None, ui.mode, queue=False, api_visibility="private")
         for upload in tab.uploads:

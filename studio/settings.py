@@ -14,12 +14,15 @@ ASSETS_DIR = REPO_ROOT / "assets"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def deployment_is_public(host: str | None, share: bool | None, environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether others can reach the studio: a Hugging Face Space, a share link, or a non-loopback address (the
-    flags, else Gradio's own GRADIO_SERVER_NAME / GRADIO_SHARE variables)."""
+def deployment_is_public(host: str | None, share: bool | None, root_path: str | None = None, forced: bool = False,
+                         environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether others can reach the studio: `forced` (--public), a Hugging Face Space, a share link, a URL prefix
+    (served behind a reverse proxy), or a non-loopback address (the flags, else Gradio's own GRADIO_SERVER_NAME /
+    GRADIO_SHARE / GRADIO_ROOT_PATH variables)."""
     host = host or environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     share = share or environ.get("GRADIO_SHARE", "").strip().lower() in ("1", "true", "yes")
-    return bool(environ.get("SPACE_ID")) or bool(share) or host not in LOOPBACK_HOSTS
+    proxied = bool(root_path or environ.get("GRADIO_ROOT_PATH"))
+    return forced or bool(environ.get("SPACE_ID")) or bool(share) or proxied or host not in LOOPBACK_HOSTS
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-BEHAVIOURS = ("ok", "empty", "malformed", "no_choices", "http_500", "http_401_echo_key", "slow")
+BEHAVIOURS = ("ok", "empty", "malformed", "no_choices", "http_500", "http_401_echo_key", "slow", "redirect")
 DEFAULT_ANSWER = "A red circle moves steadily to the right across a plain black background."
 
 
@@ -45,6 +45,7 @@ class FakeLLMServer:
         self.behaviour = behaviour
         self.answer = answer
         self.delay_s = delay_s  # how long "slow" waits before answering
+        self.redirect_to = ""  # where "redirect" sends the client (a 307 with this Location)
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -122,6 +123,14 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 self._send_raw(200, b'{"id": "chatcmpl-1", "choices": [')
             elif behaviour == "no_choices":
                 self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "choices": []})
+            elif behaviour == "redirect":
+                try:
+                    self.send_response(307)
+                    self.send_header("Location", server.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
             elif behaviour == "http_500":
                 self._send(500, {"error": {"message": "the fake server broke", "type": "server_error"}})
             elif behaviour == "http_401_echo_key":

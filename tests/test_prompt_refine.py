@@ -145,6 +145,15 @@ def test_server_errors_are_retried_a_bounded_number_of_times(fake_llm):
     assert len(fake_llm.requests) == 2
 
 
+def test_redirects_are_never_followed(fake_llm):
+    """A public studio checks the address it is given; a redirect must not lead the request anywhere else."""
+    with FakeLLMServer() as elsewhere:
+        fake_llm.behaviour, fake_llm.redirect_to = "redirect", elsewhere.base_url + "/chat/completions"
+        result = refine_prompt(PROMPT, "t2v", make_config(fake_llm))
+        assert not result.ok and "307" in result.error and result.refined == PROMPT
+        assert elsewhere.requests == [] and len(fake_llm.requests) == 1
+
+
 def test_unreachable_server_is_reported():
     with socket.socket() as sock:  # a port nobody listens on once closed
         sock.bind(("127.0.0.1", 0))

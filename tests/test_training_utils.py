@@ -108,8 +108,11 @@ def test_an_ema_on_the_gpu_updates_in_place_there():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
+    before = {name: p.detach().cpu() - 1.0 for name, p in model.named_parameters()}  # what the EMA was
     update_ema(ema, model, decay=0.5)
-    assert all(p.is_cuda for p in ema.parameters())
+    for name, p in ema.named_parameters():
+        assert p.is_cuda
+        torch.testing.assert_close(p.cpu(), before[name] + 0.5)
 
 
 # ---- LR schedulers ----------------------------------------------------------------------------

@@ -289,8 +289,8 @@ def train(cfg: TrainConfig, load: str | None = None) -> TrainResult:
     engine = create_engine(model, DistributedConfig(backend=backend, grad_clip=cfg.optim.grad_clip), state,
                            lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                            eps=cfg.optim.eps)
-    if ema is not None and backend in ("none", "ddp"):  # sharded backends keep it in host memory
-        ema = place_ema(ema, model_device(engine.unwrapped_model), sharded=False)
+    if ema is not None:
+        ema = place_ema(ema, state.device, sharded=backend not in ("none", "ddp"))
     scheduler = build_scheduler(engine.torch_optimizer, cfg)
     ckpt_io, ckpt_dir = CheckpointIO(keep_n_latest=cfg.keep_n_latest), Path(cfg.outputs) / "checkpoints"
     step, spent_s = 0, 0.0
