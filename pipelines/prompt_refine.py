@@ -65,6 +65,8 @@ def refine_kind(cond_type: str) -> RefineKind:
     if cond_type == "i2v_tail":
         return "i2v_tail"
     return "i2v" if cond_type.startswith("i2v") else "t2v"
+
+
 _MOTION_SYSTEM_PROMPT = (
     "Rate how much motion a video described by the user should have, on a scale from 1 to 7: 1 means nothing "
     "moves, 2 very slow drift, 4 a steady walk-like pace, 7 very fast motion. Reply with the integer only."

@@ -10,6 +10,7 @@ import html
 import inspect
 import logging
 import secrets
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from pipelines.text import has_segment_prompts, split_segment_markers
 from pipelines.units import format_seconds
 from studio.controls import AUTO_MOTION, SharedControls, parse_motion
 from studio.jobs import EnginePool, JobUpdate, SessionJob, run_job
-from studio.media_info import count_video_frames
+from studio.media_info import count_video_frames, save_clip_frame
 from studio.panels import memory_line
 
 log = logging.getLogger(__name__)
@@ -291,22 +292,37 @@ def finish_segment(job: SessionJob) -> str:
 
 
 def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, server_llm: LLMConfig,
-           image_position: str = "head"):
-    """Refine the prompt into the separate box; the original is left as it was."""
+           image_position: str = "head", clip=None, direction: str = "forward"):
+    """Refine the prompt into the separate box; the original is left as it was.
+
+    The vision model sees the reference: the i2v image (as first or last frame), the loop's first image, or for
+    Extend the clip's frame the new footage joins (its last frame going forward, its first going backward; with
+    per-segment prompts only the first segment's prompt sees it, later ones continue generated footage)."""
     config = llm or server_llm
     if not config.is_configured:
         raise gr.Error("No LLM endpoint is configured: open *LLM settings* or start the server with "
                        "OPENAI_API_KEY / OPENSORA_LLM_BASE_URL.", print_exception=False)
-    picture = image if mode == "i2v" else (first_image if mode == "loop" else None)
-    kind = refine_kind(f"i2v_{_position(image_position)}" if mode == "i2v" else "i2v_loop") if picture else "t2v"
     pieces = split_segment_markers(prompt or "")  # [(None, prompt)] or [(k, text), ...] for |k| prompts
-    refined = []
-    for start, piece in pieces:
-        try:
-            outcome = refine_prompt(piece, kind, config, image_path=picture or None)
-        except ValueError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-        if not outcome.ok:
-            raise gr.Error(f"Refinement failed: {outcome.error}", print_exception=False)
-        refined.append(outcome.refined if start is None else f"|{start}|{outcome.refined}")
+    with tempfile.TemporaryDirectory(prefix="refine-") as tmp:
+        if mode == "extend" and clip:
+            backward = direction == "backward"
+            try:
+                picture = str(save_clip_frame(clip, last=not backward, out=Path(tmp) / "frame.png"))
+            except OptionsError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            kind = refine_kind("i2v_tail" if backward else "i2v_head")
+        else:
+            picture = image if mode == "i2v" else (first_image if mode == "loop" else None)
+            kind = (refine_kind(f"i2v_{_position(image_position)}" if mode == "i2v" else "i2v_loop") if picture
+                    else "t2v")
+        refined = []
+        for index, (start, piece) in enumerate(pieces):
+            sees = picture if index == 0 or mode != "extend" else None
+            try:
+                outcome = refine_prompt(piece, kind if sees else "t2v", config, image_path=sees or None)
+            except ValueError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            if not outcome.ok:
+                raise gr.Error(f"Refinement failed: {outcome.error}", print_exception=False)
+            refined.append(outcome.refined if start is None else f"|{start}|{outcome.refined}")
     return "".join(refined), True

@@ -56,6 +56,24 @@ def video_fps(path: str | Path) -> float:
         return float(rate) if rate else 0.0
 
 
+def save_clip_frame(path: str | Path, last: bool, out: str | Path) -> Path:
+    """Write a clip's first or last frame to the PNG `out` (what the LLM sees when refining an extension: the
+    frame the new footage continues from); raises OptionsError when the clip cannot be read."""
+    try:
+        with av.open(str(path)) as container:
+            frames = container.decode(video=0)
+            frame = next(frames, None)
+            if last:
+                for frame in frames:  # keep only the latest: a long clip never sits in memory
+                    pass
+    except (av.error.FFmpegError, OSError) as exc:
+        raise OptionsError(f"cannot read the clip {Path(path).name}: {exc}") from None
+    if frame is None:
+        raise OptionsError(f"{Path(path).name} has no frames")
+    frame.to_image().convert("RGB").save(out, format="PNG")
+    return Path(out)
+
+
 def video_thumbnail(path: str | Path, max_side: int = 192) -> np.ndarray:
     """The first frame of a clip as uint8 (H, W, 3), at most max_side pixels (browsers paint no <video> poster)."""
     path = Path(path)

@@ -359,6 +359,20 @@ def test_refine_tells_the_llm_whether_the_image_is_the_first_or_the_last_frame(t
     assert "last frame" in systems[1]
 
 
+def test_refining_an_extension_shows_the_llm_the_frame_the_new_footage_joins():
+    clip = str(Path(__file__).resolve().parents[1] / "assets" / "examples" / "clip_65.mp4")  # the studio's example
+    with FakeLLMServer(answer="The circle keeps going.") as server:
+        config = LLMConfig(base_url=server.base_url, api_key="sk-test", timeout_s=5)
+        assert refine("it goes on", "extend", None, None, config, LLMConfig(), clip=clip) == (
+            "The circle keeps going.", True)
+        refine("it goes on", "extend", None, None, config, LLMConfig(), clip=clip, direction="backward")
+        refine("|0|it goes on|2|then it stops", "extend", None, None, config, LLMConfig(), clip=clip)
+        requests = [request.json["messages"] for request in server.requests]
+    with_image = [isinstance(messages[-1]["content"], list) for messages in requests]
+    assert with_image == [True, True, True, False]  # a later segment continues generated footage: text only
+    assert "first frame" in requests[0][0]["content"] and "last frame" in requests[1][0]["content"]
+
+
 def test_history_lists_complete_results_newest_first_and_reloads_their_settings(tmp_path):
     recipe = {"mode": "i2v", "seed": 7, "prompt": {"original": "a ball", "negative": "blur", "refined": None},
               "options": {"resolution": "256px", "aspect_ratio": "1:1", "num_frames": 33, "fps": 24,
