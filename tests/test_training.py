@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -228,6 +229,16 @@ def test_dit_object_weight_weighs_the_latents_that_encode_the_object(tmp_path, m
     monkeypatch.setattr(train, "sample_timesteps", timesteps)
     stage.cfg.timestep_uniform = 0.5
     assert torch.isfinite(stage.loss(model, 2, torch.Generator().manual_seed(0), step=0)) and shares == [0.5]
+
+
+def test_encoding_a_pool_reports_its_progress(tiny_vae, monkeypatch, caplog):
+    from pipelines.training import latent_pool
+
+    monkeypatch.setattr(latent_pool, "PROGRESS_EVERY_S", 0.0)  # a real pool reports once a minute
+    with caplog.at_level(logging.INFO, logger=latent_pool.__name__):
+        latent_pool.encode_clip_set(tiny_vae, 4, 9, 32, 0.0, seed=0, encode_batch=2)
+    said = [record.getMessage().split(" (")[0] for record in caplog.records]
+    assert said == ["latent pool: encoded 2 of 4 clips of 9 frames"]
 
 
 def test_latent_pool_cache_reuses_encoded_clips_for_the_same_vae_only(tmp_path, tiny_vae, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def latent_object_map(on_object: Tensor, time_ratio: int, space_ratio: int) -> T
     return torch.nn.functional.max_pool2d(frames, space_ratio) > 0
 
 
+PROGRESS_EVERY_S = 60.0
+
+
 @torch.no_grad()
 def encode_clip_set(vae, length: int, num_frames: int, size: int, loop_fraction: float, seed: int,
                     encode_batch: int = 8, object_margin: int = 0) -> ClipSet:
@@ -68,7 +72,13 @@ def encode_clip_set(vae, length: int, num_frames: int, size: int, loop_fraction:
     dataset = ShapesDataset(length, num_frames=num_frames, size=size, loop_fraction=loop_fraction, seed=seed)
     latents, refs, captions, prompts, objects = [], {}, [], [], []
     ratios = vae.config.time_compression_ratio, vae.config.spatial_compression_ratio
+    started, reported = time.monotonic(), time.monotonic()
     for start in range(0, length, encode_batch):
+        if start and time.monotonic() - reported > PROGRESS_EVERY_S:  # a pool takes many minutes: say how far it got
+            reported = time.monotonic()
+            done = start / length
+            logger.info("latent pool: encoded %d of %d clips of %d frames (%.0f%%, about %.0f min left)", start,
+                        length, num_frames, 100 * done, (reported - started) * (1 - done) / done / 60)
         items = [dataset[i] for i in range(start, min(start + encode_batch, length))]
         x = torch.stack([item["video"] for item in items])  # (b, 3, T, H, W)
         latents.append(vae.encode(x))  # (b, C, T_lat, h, w)
