@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +19,7 @@ from studio.handlers import (MEDIA_INPUTS, TAB_NAMES, finish_segment, make_gener
                              refine, stop_job, status_html)
 from studio.history import gallery_value, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
-from studio.media_info import image_size, video_fps, video_size
+from studio.media_info import image_size, save_clip_frame, video_fps, video_size
 from studio.panels import build_panels, memory_markdown, param_rows, wire_estimate
 from studio.settings import StudioSettings
 from studio.tabs import build_extend, build_i2v, build_loop, build_t2v, load_examples
@@ -75,6 +77,25 @@ def _pick_fps(path):
     return min(60, max(1, round(rate))) if rate else gr.skip()
 
 
+def last_frame_to_i2v(video, preview):
+    """The result's last frame (a single-frame result: the frame itself) as the Image to video tab's image, to
+    carry a scene on from where it ended."""
+    if video:
+        handle, name = tempfile.mkstemp(prefix="last-frame-", suffix=".png")
+        os.close(handle)
+        try:
+            image = str(save_clip_frame(video, last=True, out=name))
+        except OptionsError as exc:
+            Path(name).unlink(missing_ok=True)
+            raise gr.Error(str(exc), print_exception=False) from None
+    elif preview and str(preview).endswith(".png"):
+        image = preview
+    else:
+        gr.Warning("There is no result to take a frame from yet: generate a video first.")
+        return gr.skip(), gr.skip(), gr.skip()
+    return image, gr.Tabs(selected="i2v"), "i2v"
+
+
 def _build_outputs() -> dict:
     status = gr.HTML(status_html(JobUpdate(stage="idle", message="Ready")), label="Status", elem_id="job-status")
     video = gr.Video(label="Result", buttons=["download"], loop=True, autoplay=True, interactive=False,
@@ -82,14 +103,15 @@ def _build_outputs() -> dict:
     with gr.Row():
         stop = gr.Button("■ Stop", variant="stop", elem_id="stop")
         send = gr.Button("Send to Extend →", elem_id="send-to-extend")
+        send_frame = gr.Button("Last frame → Image to video", elem_id="send-to-i2v")
         gif = gr.Button("Make GIF", elem_id="make-gif")
     gif_file = gr.File(label="GIF", interactive=False, height=60, elem_id="gif-file")
-    preview = gr.Image(label="Preview", interactive=False, height=140,
+    preview = gr.Image(label="Preview", interactive=False, height=140, type="filepath",
                        elem_id="preview")
     with gr.Accordion("Recipe (JSON: every setting, to reproduce the result)", open=False):
         recipe = gr.JSON(label="Recipe", elem_id="recipe")
-    return {"status": status, "video": video, "stop": stop, "send": send, "gif": gif, "gif_file": gif_file,
-            "preview": preview, "recipe": recipe}
+    return {"status": status, "video": video, "stop": stop, "send": send, "send_frame": send_frame, "gif": gif,
+            "gif_file": gif_file, "preview": preview, "recipe": recipe}
 
 
 def _wire_history(demo, shared: SharedControls, tabs_component, tab_list, mode_state, parts: dict,
@@ -238,6 +260,9 @@ def _wire_result_buttons(ui, events: list, settings: StudioSettings) -> None:
         return path, gr.Tabs(selected="extend"), "extend"
 
     out["send"].click(send_to_extend, out["video"], [extend_video, ui.tabs, ui.mode], api_visibility="private")
+    i2v_image = next(tab for tab in ui.tab_list if tab.mode == "i2v").inputs[0]
+    out["send_frame"].click(last_frame_to_i2v, [out["video"], out["preview"]], [i2v_image, ui.tabs, ui.mode],
+                            api_visibility="private")
 
     def make_gif(path):
         if not path:

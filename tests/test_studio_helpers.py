@@ -373,6 +373,24 @@ def test_refining_an_extension_shows_the_llm_the_frame_the_new_footage_joins():
     assert "first frame" in requests[0][0]["content"] and "last frame" in requests[1][0]["content"]
 
 
+def test_a_results_last_frame_goes_to_image_to_video(monkeypatch):
+    import gradio as gr
+    from PIL import Image
+
+    from studio import layout
+
+    clip = Path(__file__).resolve().parents[1] / "assets" / "examples" / "clip_65.mp4"
+    image, tabs, mode = layout.last_frame_to_i2v(str(clip), None)
+    with Image.open(image) as frame:
+        assert frame.size == (64, 64) and frame.mode == "RGB"
+    assert isinstance(tabs, gr.Tabs) and mode == "i2v"
+    Path(image).unlink()
+    assert layout.last_frame_to_i2v(None, "/tmp/result.png")[0] == "/tmp/result.png"  # a single-frame result
+    warned = []
+    monkeypatch.setattr(layout.gr, "Warning", warned.append)
+    assert layout.last_frame_to_i2v(None, None)[0] is not None and warned  # nothing yet: said, nothing changes
+
+
 def test_history_lists_complete_results_newest_first_and_reloads_their_settings(tmp_path):
     recipe = {"mode": "i2v", "seed": 7, "prompt": {"original": "a ball", "negative": "blur", "refined": None},
               "options": {"resolution": "256px", "aspect_ratio": "1:1", "num_frames": 33, "fps": 24,
