@@ -241,7 +241,7 @@ class Engine:
         self._stage("save", "Saving the video", emit, (lambda: False) if made.stopped_early else stop)
         recipe = self._recipe(made, peak)
         saved: SavedResult = save_result(made.video, self.output_dir, recipe, opts.fps, opts.mode, opts.seed,
-                                         opts.name)
+                                         opts.name, references=opts.references)
         self.state.last_peak_bytes = recipe["peak_memory_bytes"]
         self.state.runs += 1
         return GenerationResult(saved.video_path, saved.recipe_path, recipe, opts.seed, tuple(made.warnings))

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.atomic_io import write_atomically
 from pipelines.media import write_png, write_video
 
 logger = logging.getLogger(__name__)
@@ -195,8 +197,13 @@ def save_result(
     mode: str,
     seed: int,
     name: str | None = None,
+    references: tuple[str | os.PathLike, ...] = (),
 ) -> SavedResult:
-    """Save (3, T, H, W) frames in [-1, 1] as `<stem>.mp4` (`.png` when T == 1) plus a redacted `<stem>.json`."""
+    """Save (3, T, H, W) frames in [-1, 1] as `<stem>.mp4` (`.png` when T == 1) plus a redacted `<stem>.json`.
+
+    `references` (the images or clip the run was conditioned on) are copied beside it as `<stem>.ref<i><suffix>`
+    and named in the recipe's `references_saved`, so the result can be made again after the upload cache is
+    cleared."""
     if frames.ndim != 4:
         raise ValueError(f"expected (3, T, H, W) frames, got shape {tuple(frames.shape)}.")
     # Round-trip through JSON first: dataclasses become dicts, so their secret fields are redacted too.
@@ -209,6 +216,12 @@ def save_result(
         stem = unique_output_stem(out_dir, mode, seed, name=name)
         media_path = stem.with_name(stem.name + (".png" if frames.shape[1] == 1 else ".mp4"))
         recipe_path = stem.with_name(stem.name + ".json")
+        sources = [Path(ref) for ref in references if ref]
+        copies = [stem.with_name(f"{stem.name}.ref{i}{src.suffix.lower()}") for i, src in enumerate(sources)]
+        for source, copy in zip(sources, copies):
+            written.append(write_atomically(copy, copy.suffix, lambda tmp, src=source: shutil.copyfile(src, tmp)))
+        if copies:
+            clean["references_saved"] = [copy.name for copy in copies]
         comment = _recipe_comment(clean, recipe_path.name)
         if frames.shape[1] == 1:
             written.append(write_png(frames, media_path, metadata={"Comment": comment}))
@@ -231,8 +244,8 @@ def save_result(
     finally:
         if stem is not None:
             _release_quietly(stem)
-    logger.info("saved %s", written[0])
-    return SavedResult(video_path=written[0], recipe_path=written[1])
+    logger.info("saved %s", written[-2])
+    return SavedResult(video_path=written[-2], recipe_path=written[-1])
 
 
 def _recipe_comment(recipe: dict, recipe_name: str) -> str:

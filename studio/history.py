@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 
 from pipelines.results import ResultFiles
+from studio.handlers import MEDIA_INPUTS, TAB_NAMES
 from studio.media_info import video_thumbnail
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ def read_recipe(path: str | Path) -> dict:
         return {"error": f"cannot read {Path(path).name}: {exc}"}
 
 
-def settings_from_recipe(recipe: dict) -> dict:
+def settings_from_recipe(recipe: dict, folder: str | Path | None = None) -> dict:
     """The control values that reproduce a recipe (names as in SharedControls and handlers.TAB_NAMES), plus its
-    mode."""
+    mode; with the result's `folder`, also the tab's media from the reference copies saved beside it."""
     options = recipe.get("options") or {}
     prompt = recipe.get("prompt") or {}
     motion = options.get("motion_score")
@@ -64,4 +65,10 @@ def settings_from_recipe(recipe: dict) -> dict:
     }
     if prompt.get("refined") and not prompt.get("per_segment"):  # (per-segment runs refined each piece apart)
         values["refined_prompt"], values["use_refined"] = prompt["refined"], True
+    saved = recipe.get("references_saved") or []
+    if folder is not None and isinstance(saved, list):
+        copies = [Path(folder) / Path(str(name)).name for name in saved]  # a name only: never outside the folder
+        media = [name for name in TAB_NAMES.get(values["mode"], ()) if name in MEDIA_INPUTS]  # in reference order
+        for name, copy in zip(media, copies):
+            values[name] = str(copy) if copy.is_file() else None
     return {key: value for key, value in values.items() if value is not None}

@@ -15,7 +15,7 @@ from pipelines.results import list_results
 from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.export import video_to_gif
-from studio.handlers import (MEDIA_INPUTS, TAB_NAMES, finish_segment, make_generate, make_precheck, make_validator,
+from studio.handlers import (TAB_NAMES, finish_segment, make_generate, make_precheck, make_validator,
                              refine, stop_job, status_html)
 from studio.history import gallery_value, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
@@ -118,9 +118,10 @@ def _wire_history(demo, shared: SharedControls, tabs_component, tab_list, mode_s
                   settings: StudioSettings, video, job_state):
     gallery, paths_state, selected, recipe_view, load = (parts[k] for k in ("gallery", "paths", "selected",
                                                                             "recipe", "load"))
-    # The tabs' own settings (image first, image position, direction, easy, segments): not their media.
+    # The tabs' own settings (image first, image position, direction, easy, segments), and their media from the
+    # reference copies saved beside the result (older results have none: those inputs are left as they are).
     tab_settings = [(name, component) for tab in tab_list
-                    for name, component in zip(TAB_NAMES[tab.mode], tab.inputs) if name not in MEDIA_INPUTS]
+                    for name, component in zip(TAB_NAMES[tab.mode], tab.inputs)]
 
     def refresh(job: SessionJob):
         # A public studio is one server for everyone: each visitor's History shows only their own results.
@@ -139,7 +140,7 @@ def _wire_history(demo, shared: SharedControls, tabs_component, tab_list, mode_s
         if not path:
             gr.Warning("Select a result in the gallery first.")
             return [gr.skip()] * (len(SharedControls.__dataclass_fields__) + 2 + len(tab_settings))
-        values = settings_from_recipe(read_recipe(path))
+        values = settings_from_recipe(read_recipe(path), Path(path).parent)
         updates = [values.get(name, gr.skip()) for name in SharedControls.__dataclass_fields__]
         mode = values.get("mode")
         return (updates + [gr.Tabs(selected=mode) if mode else gr.skip(), mode or gr.skip()]

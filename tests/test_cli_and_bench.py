@@ -43,7 +43,8 @@ def test_cli_csv_rows_with_references(tiny_registry, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and "first" in lines[0]
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert len(files) == 6 and [f for f in files if not f.startswith("out/")] == ["prompts.csv", "ref.png"]
+    assert len(files) == 7 and [f for f in files if not f.startswith("out/")] == ["prompts.csv", "ref.png"]
+    assert sum(f.endswith(".ref0.png") for f in files) == 1  # the i2v row keeps a copy of its reference
     assert not any(".." in f for f in files) and not (tmp_path.parent.parent / "etc").exists()
 
 

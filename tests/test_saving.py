@@ -174,6 +174,30 @@ def test_save_result_writes_video_and_redacted_recipe(tmp_path):
     assert result.video_path.suffix == ".mp4"
 
 
+def test_save_result_keeps_copies_of_the_references_beside_the_result(tmp_path):
+    image, clip_file = tmp_path / "upload.PNG", tmp_path / "clip.mp4"
+    image.write_bytes(b"png bytes")
+    clip_file.write_bytes(b"mp4 bytes")
+    out = tmp_path / "out"
+    result = save_result(clip(), out, {"prompt": "x"}, fps=24, mode="loop", seed=2, references=(str(image), clip_file))
+    saved = json.loads(result.recipe_path.read_text())
+    stem = result.video_path.stem
+    assert saved["references_saved"] == [f"{stem}.ref0.png", f"{stem}.ref1.mp4"]
+    assert (out / f"{stem}.ref0.png").read_bytes() == b"png bytes" and (out / f"{stem}.ref1.mp4").exists()
+    image.unlink()  # the upload cache is cleared: the copies remain
+    assert (out / saved["references_saved"][0]).exists()
+    assert [r.media for r in list_results(out)] == [result.video_path]  # the copies are not results themselves
+
+
+def test_a_failed_save_removes_the_reference_copies_too(tmp_path, monkeypatch):
+    image = tmp_path / "upload.png"
+    image.write_bytes(b"png bytes")
+    monkeypatch.setattr(saving.os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(SaveError):
+        save_result(clip(), tmp_path / "out", {"prompt": "x"}, fps=24, mode="i2v", seed=1, references=(image,))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_save_result_writes_png_for_one_frame(tmp_path):
     result = save_result(clip(t=1), tmp_path, {"prompt": "x"}, fps=24, mode="t2i", seed=0)
     assert result.video_path.suffix == ".png"

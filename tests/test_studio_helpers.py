@@ -415,6 +415,12 @@ def test_history_lists_complete_results_newest_first_and_reloads_their_settings(
     values = settings_from_recipe(extended)
     assert (values["direction"], values["easy"], values["segments"], values["image_position"]) == ("backward", True,
                                                                                                    3, "tail")
+    # media come back from the reference copies beside the result: only files there, by name, in tab order
+    (tmp_path / "l.ref0.png").write_bytes(b"")
+    looped = {**recipe, "mode": "loop", "references_saved": ["../../etc/l.ref0.png", "l.ref1.png"]}
+    values = settings_from_recipe(looped, tmp_path)
+    assert values["first_image"] == str(tmp_path / "l.ref0.png") and "last_image" not in values  # (missing)
+    assert "first_image" not in settings_from_recipe(looped)  # no folder given: settings only
 
 
 def test_load_these_settings_fills_every_wired_output_and_the_mode(tmp_path):
@@ -434,6 +440,11 @@ def test_load_these_settings_fills_every_wired_output_and_the_mode(tmp_path):
     by_id = {block._id: value for block, value in zip(fn.outputs, values)}
     labelled = {getattr(block, "label", None): by_id[block._id] for block in fn.outputs}
     assert labelled["Segments"] == 2 and "extend" in by_id.values()  # the tab's slider, and the session's mode
+    assert not isinstance(labelled["Clip to extend"], str)  # no copy of the clip was saved: the input stays
+    (tmp_path / "r.ref0.mp4").write_bytes(b"clip")  # a result saved with a copy of its clip gets it back
+    (tmp_path / "r.json").write_text(json.dumps({**recipe, "references_saved": ["r.ref0.mp4"]}))
+    reloaded = dict(zip((getattr(block, "label", None) for block in fn.outputs), fn.fn(str(tmp_path / "r.json"))))
+    assert reloaded["Clip to extend"] == str(tmp_path / "r.ref0.mp4")
     assert any(isinstance(value, gr.Tabs) for value in values)
     assert len(fn.fn(None)) == len(fn.outputs)  # nothing selected: a warning, and nothing changes
 
