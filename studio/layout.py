@@ -196,7 +196,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
         history = _build_history(settings.public)
         shared = SharedControls(**prompt_parts, **settings_parts)
         wire_settings(preset, shared, duration)
-        wire_estimate(pool, shared, panels)
+        wire_estimate(pool, shared, panels, mode_state)
         refresh_history = _wire_history(demo, shared, tabs, tab_list, mode_state, history, settings, out["video"],
                                         job_state)
         ui = SimpleNamespace(tabs=tabs, tab_list=tab_list, shared=shared, out=out, panels=panels, history=history,

@@ -46,18 +46,25 @@ def memory_line(fits: bool, note: str) -> str:
     return note if fits else f"⚠ {note} Try fewer frames or a smaller resolution."
 
 
-def estimate_markdown(pool: EnginePool, resolution, aspect_ratio, num_frames) -> str:
-    """The memory estimate of a text-to-video run at these settings (a reference image adds a guidance branch)."""
+# What each tab's estimate assumes: its kind of reference (never read: only the count and kind matter).
+_ESTIMATE_REFERENCES = {"t2v": (), "i2v": ("image.png",), "loop": ("first.png",), "extend": ("clip.mp4",)}
+_MODE_WORDS = {"t2v": "text-to-video", "i2v": "image-to-video", "loop": "loop", "extend": "extension"}
+
+
+def estimate_markdown(pool: EnginePool, resolution, aspect_ratio, num_frames, mode: str | None = "t2v") -> str:
+    """The memory estimate of a run of the active tab's mode at these settings (a reference adds its encoding
+    and, for image guidance, a third guidance branch)."""
+    mode = mode if mode in _ESTIMATE_REFERENCES else "t2v"
     try:
-        options = GenerationOptions(prompt="estimate", resolution=resolution, aspect_ratio=aspect_ratio,
-                                    num_frames=num_frames)  # validated (None: the preset's) by the estimate
-        fits, note = pool.memory_verdict(options)
+        options = GenerationOptions(mode=mode, prompt="estimate", resolution=resolution, aspect_ratio=aspect_ratio,
+                                    num_frames=num_frames, references=_ESTIMATE_REFERENCES[mode])
+        fits, note = pool.memory_verdict(options)  # validated (None: the preset's) by the estimate
     except (TypeError, ValueError) as exc:  # settings the request check will explain
         return f"Memory estimate: unavailable for these settings ({html.escape(str(exc))})."
     except Exception as exc:  # a panel must never take the page down
         log.warning("memory estimate failed: %s", exc)
         return "Memory estimate: unavailable."
-    return f"{memory_line(fits, note)} (text-to-video; a reference adds a guidance branch)"
+    return f"{memory_line(fits, note)} ({_MODE_WORDS[mode]} at these settings)"
 
 
 def param_rows(pool: EnginePool) -> list[list]:
@@ -79,10 +86,10 @@ def unload_models(pool: EnginePool) -> tuple[str, list[list]]:
     return message, param_rows(pool)
 
 
-def wire_estimate(pool: EnginePool, shared, panels: Panels) -> None:
-    """Recompute the estimate when the frame size or the clip length changes, and with the memory timer (what is
-    available moves as other programs run)."""
-    inputs = [shared.resolution, shared.aspect_ratio, shared.num_frames]
+def wire_estimate(pool: EnginePool, shared, panels: Panels, mode_state) -> None:
+    """Recompute the estimate when the frame size, the clip length or the tab changes, and with the memory timer
+    (what is available moves as other programs run)."""
+    inputs = [shared.resolution, shared.aspect_ratio, shared.num_frames, mode_state]
     for trigger in (*(source.change for source in inputs), panels.timer.tick):
         trigger(lambda *values: estimate_markdown(pool, *values), inputs, panels.estimate, queue=False,
                 api_visibility="private", show_progress="hidden")

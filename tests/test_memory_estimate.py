@@ -110,3 +110,22 @@ def test_verdict_compares_the_peak_with_what_is_available():
     assert not fits and "run out of memory" in line
     tie = MemoryEstimate(weights={}, stages={"encode_references": 5, "sample": 1, "decode": 5}, device_type="cpu")
     assert tie.peak_stage == "decode"
+
+
+def test_the_studio_estimate_follows_the_active_tab(tmp_path):
+    import re
+
+    from pipelines.engine import Engine
+    from studio.jobs import EnginePool
+    from studio.panels import estimate_markdown
+
+    pool = EnginePool([Engine(get_preset("opensora-v2-256px"), device="cpu", output_dir=tmp_path)])  # not loaded
+    lines = {mode: estimate_markdown(pool, "256px", "1:1", 129, mode) for mode in ("t2v", "i2v", "loop", "extend")}
+    scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    peaks = {mode: float(found[1]) * scale[found[2]] for mode, line in lines.items()
+             for found in [re.search(r"Estimated peak ([\d.]+) (\w+)", line)]}
+    assert "text-to-video" in lines["t2v"] and "image-to-video" in lines["i2v"] and "extension" in lines["extend"]
+    assert peaks["i2v"] >= peaks["t2v"]  # (on the CPU the decode is the peak either way)
+    # the tab's own rules show up before Generate: an extension needs more frames than its conditioning clip
+    assert "at least 37" in estimate_markdown(pool, "256px", "1:1", 33, "extend")
+    assert "text-to-video" in estimate_markdown(pool, "256px", "1:1", 129, None)  # before any tab is chosen
