@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import platform
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +22,7 @@ import torch
 from pipelines.components import Components, load_components, pick_device, pick_dtype
 from pipelines.memory import (MemoryStats, ParamStats, PeakRSSSampler, available_bytes, count_params, free_memory,
                               read_memory_stats, reset_peak)
+from pipelines.media import write_video
 from pipelines.memory_estimate import MemoryEstimate, estimate_memory
 from pipelines.options import MAX_SEED, GenerationOptions, ResolvedOptions, resolve_options, with_seed
 from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
@@ -59,6 +62,27 @@ class PreviewEvent:
     image: object  # numpy uint8 (H, W, 3): a strip of predicted clean frames
     step: int
     kind: str = "preview"
+
+
+@dataclass(frozen=True)
+class PartialVideoEvent:
+    path: Path  # a playable MP4 of the extension so far (a temporary file, removed a minute after the run)
+    segments_done: int
+    kind: str = "partial"
+
+
+PARTIAL_LINGER_S = 60.0
+
+
+def _partial_folder() -> Path:
+    """A fresh temporary folder for one run's partial videos."""
+    return Path(tempfile.mkdtemp(prefix="opensora-partial-"))
+
+
+def _remove_later(folder: Path, delay_s: float = PARTIAL_LINGER_S) -> None:
+    timer = threading.Timer(delay_s, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True})
+    timer.daemon = True
+    timer.start()
 
 
 @dataclass(frozen=True)
@@ -271,7 +295,7 @@ class Engine:
                     for piece in dict.fromkeys(opts.segment_prompts)}  # each distinct prompt once, in order
         prompts = [prepared[piece] for piece in opts.segment_prompts]
 
-        pixels = None
+        pixels = partials = None
         video = raw = None
         counter, done, stopped_early = DenoiseCounter(), 0, False
         if opts.image_first:  # t2i, then i2v from that frame (Open-Sora 2.0's text -> image -> video flow)
@@ -307,7 +331,13 @@ class Engine:
             if opts.segments > 1:
                 emit(StageEvent("decode", f"Segment {done} of {opts.segments} done: {video.shape[1]} frames"))
                 emit(PreviewEvent(video_strip(video), opts.num_steps))
+                if done < opts.segments:  # the video so far, playable while the next segment samples
+                    partials = partials or _partial_folder()
+                    path = write_video(video, partials / f"segments-1-to-{done}.mp4", opts.fps)
+                    emit(PartialVideoEvent(path, done))
         timings["total"] = time.perf_counter() - t0
+        if partials is not None:  # a viewer may still be fetching the last one: removed a minute later
+            _remove_later(partials)
         return GeneratedVideo(opts, video, raw, prompts, counter, timings, warnings, done, stopped_early)
 
     def _segment(self, opts: ResolvedOptions, text, negative, pixels, segment: int, counter, timings: dict, emit,

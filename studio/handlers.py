@@ -204,7 +204,8 @@ def _stream(pool, options, job: SessionJob, run_id: int, progress, note: str = "
     for update in run_job(pool, options, job, run_id=run_id, llm=llm):
         _progress(progress, update)
         preview = update.preview if update.preview is not None else gr.skip()
-        yield update, (gr.skip(), gr.skip(), gr.skip(), status_html(update, note), preview)
+        so_far = update.partial_video or gr.skip()  # an extension's finished segments, playable meanwhile
+        yield update, (so_far, gr.skip(), gr.skip(), status_html(update, note), preview)
 
 
 def _raise_for(update: JobUpdate) -> None:

@@ -149,7 +149,8 @@ class SessionJob:
 
 @dataclass(frozen=True)
 class JobUpdate:
-    """What the UI shows about a job at one moment; `preview` is only set when a new one arrived."""
+    """What the UI shows about a job at one moment; `preview` and `partial_video` are only set when a new one
+    arrived."""
 
     stage: str = "queued"
     message: str = "Waiting for a free device"
@@ -158,6 +159,7 @@ class JobUpdate:
     elapsed_s: float = 0.0
     eta_s: float | None = None
     preview: object | None = None  # numpy uint8 (H, W, 3)
+    partial_video: str | None = None  # an extension's video so far (set only when a new one arrived)
     device: str = ""
     result: object | None = None  # the engine's GenerationResult
     error: BaseException | None = None
@@ -212,6 +214,9 @@ def _apply(update: JobUpdate, item, job: SessionJob, run_id: int) -> JobUpdate:
                        message=f"Sampling {item.step}/{item.total}")
     if kind == "preview":
         return replace(update, preview=item.image)
+    if kind == "partial":
+        return replace(update, partial_video=str(item.path),
+                       message=f"Segment {item.segments_done} done: playing the video so far")
     return update  # the engine's own "result" event: the outcome carries it
 
 
@@ -239,7 +244,7 @@ def run_job(pool: EnginePool, options, job: SessionJob, poll_s: float = 0.2,
                 continue
             while not events.empty():
                 batch.append(events.get_nowait())
-            update = replace(update, preview=None)
+            update = replace(update, preview=None, partial_video=None)
             for item in batch:
                 update = _apply(update, item, job, run)
             yield update

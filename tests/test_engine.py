@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.engine import Engine, PreviewEvent, ProgressEvent, StageEvent
+from pipelines.engine import Engine, PartialVideoEvent, PreviewEvent, ProgressEvent, StageEvent
 from pipelines.media import MediaError, probe_video, read_video, write_video
 from pipelines.options import GenerationOptions, OptionsError
 from pipelines.sampling import GenerationStopped
@@ -127,6 +127,9 @@ def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path):
     strips = [e.image for i, e in enumerate(events) if isinstance(e, PreviewEvent)
               and isinstance(events[i - 1], StageEvent) and "done" in events[i - 1].message]
     assert len(strips) == 3 and all(s.dtype == np.uint8 and s.shape == (64, 5 * 64, 3) for s in strips)
+    partials = [e for e in events if isinstance(e, PartialVideoEvent)]  # playable while the next one samples
+    assert [p.segments_done for p in partials] == [1, 2]  # (after the last, the result itself)
+    assert [read_video(p.path)[0].shape[1] for p in partials] == [45, 49]
     original, new = read_video(clip_path)[0], read_video(result.video_path)[0]
     assert (original - new[:, :41]).abs().mean() < 0.05  # the user's clip is still kept as it was
     one = engine.run(GenerationOptions(mode="extend", prompt="a blue square moving right", references=(clip_path,),

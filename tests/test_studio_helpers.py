@@ -541,6 +541,20 @@ def test_a_random_seed_is_drawn_before_the_run_and_shown_even_when_it_is_stopped
     assert "Stopped" in rest[-1][3]
 
 
+def test_an_extensions_video_so_far_plays_in_the_result_player(monkeypatch):
+    from studio import handlers
+
+    class Segmented(FakeEngine):
+        def run(self, options, on_event, should_stop, llm=None, finish_segment=lambda: False):
+            on_event(SimpleNamespace(kind="partial", path=Path("/tmp/segments-1-to-1.mp4"), segments_done=1))
+            return super().run(options, on_event, should_stop, llm, finish_segment)
+
+    values = {"prompt": "a red circle", "resolution": "256px", "aspect_ratio": "1:1", "num_frames": 33}
+    outputs = list(handlers.generate(EnginePool([Segmented(steps=2)]), "t2v", values, SessionJob(), LLMConfig()))
+    shown = [out[0] for out in outputs if isinstance(out[0], str)]
+    assert shown == ["/tmp/segments-1-to-1.mp4", "x.mp4"]  # the video so far, then the result
+
+
 def test_browser_remembers_the_llm_endpoint_and_model_but_never_the_key():
     from studio.controls import remember_llm, restore_llm
 
