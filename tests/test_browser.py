@@ -63,6 +63,9 @@ def test_generate_send_to_extend_and_open_loop_in_the_browser(tmp_path):
             page.get_by_role("tab", name="Loop").click()
             for element in ("#loop-first", "#loop-last", "#generate-loop"):
                 page.locator(element).wait_for(state="visible", timeout=30_000)
+            # the estimate follows the tab (Extend at 33 frames said it needs at least 37)
+            page.wait_for_function("() => (document.querySelector('#memory-estimate') || {}).innerText"
+                                   "?.includes('(loop at these settings)')", timeout=30_000)
             assert "Estimated peak" in page.locator("#memory-estimate").inner_text()
             # The browser remembers the LLM model across visits (BrowserState), never the key.
             page.get_by_role("button", name=re.compile("^LLM settings")).click()
