@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=16, help="jobs that may wait in the queue")
     parser.add_argument("--root-path", default=None,
                         help="URL prefix when served behind a reverse proxy, e.g. /studio (or GRADIO_ROOT_PATH)")
+    parser.add_argument("--no-metadata", action="store_true",
+                        help="leave the recipe out of each video's comment tag (the JSON beside it is still written)")
     parser.add_argument("--public", action="store_true",
                         help="treat the studio as reachable by others (automatic for Spaces, --share, --root-path "
                              "and non-loopback hosts): per-session History, no Unload, visitor LLM URLs checked")
@@ -71,7 +73,7 @@ def create_pool(args: argparse.Namespace, settings: StudioSettings) -> EnginePoo
 
     preset = get_preset(args.preset, weights_dir=args.weights_dir)
     engines = [Engine(preset, device=device, offload=args.offload, compile=args.compile,
-                      output_dir=settings.output_dir, llm=settings.llm)
+                      output_dir=settings.output_dir, llm=settings.llm, embed_recipe=not args.no_metadata)
                for device in pick_devices(args.device)]
     for engine in engines:
         log.info("loading %s on %s", preset.name, engine.device)

@@ -144,7 +144,7 @@ def _frame_rate_warning(source_fps: float | None, fps: int) -> list[str]:
 class Engine:
     def __init__(self, preset: ModelPreset | str | None = None, *, device: str | None = None, offload: bool = False,
                  output_dir: str | Path = "outputs", llm: LLMConfig | None = None, preview_every: int = 2,
-                 compile: bool = False):
+                 compile: bool = False, embed_recipe: bool = True):
         self.preset = get_preset(preset or DEFAULT_PRESET) if not isinstance(preset, ModelPreset) else preset
         self.device = pick_device(device)
         self.offload = offload and self.device.type == "cuda"
@@ -153,6 +153,7 @@ class Engine:
         self.compile = compile
         self._compiled_for: set[tuple] = set()  # (latent shape, condition type) the compiled MMDiT has run
         self.output_dir = Path(output_dir)
+        self.embed_recipe = embed_recipe  # the recipe in each file's comment tag too (the JSON sidecar always)
         self.llm = llm or LLMConfig.from_env()
         self._run_llm = self.llm  # the endpoint of the run in progress (a studio session may bring its own)
         self.preview_every = preview_every
@@ -265,7 +266,7 @@ class Engine:
         self._stage("save", "Saving the video", emit, (lambda: False) if made.stopped_early else stop)
         recipe = self._recipe(made, peak)
         saved: SavedResult = save_result(made.video, self.output_dir, recipe, opts.fps, opts.mode, opts.seed,
-                                         opts.name, references=opts.references)
+                                         opts.name, references=opts.references, embed_recipe=self.embed_recipe)
         self.state.last_peak_bytes = recipe["peak_memory_bytes"]
         self.state.runs += 1
         return GenerationResult(saved.video_path, saved.recipe_path, recipe, opts.seed, tuple(made.warnings))

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extension rows (v2v_*): repeat the extension this many times, each from the video so far")
     p.add_argument("--refine", action="store_true", help="refine prompts with the LLM in OPENAI_* settings")
     p.add_argument("--prompt-as-path", action="store_true", help="put the prompt in the file name")
+    p.add_argument("--no-metadata", action="store_true",
+                   help="leave the recipe out of each video's comment tag (the JSON beside it is still written)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--offload", action="store_true", help="keep models on the CPU between stages (small GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT (faster on a GPU after the "
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = read_rows(args)
         engine = Engine(get_preset(args.preset, args.weights_dir), device=args.device, offload=args.offload,
-                        compile=args.compile, output_dir=args.out)
+                        compile=args.compile, output_dir=args.out, embed_recipe=not args.no_metadata)
         requests = [row_options(row, args) for row in rows]
         for i, options in enumerate(requests, 1):  # every row, and its references, before the first one runs
             try:

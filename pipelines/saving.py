@@ -198,12 +198,14 @@ def save_result(
     seed: int,
     name: str | None = None,
     references: tuple[str | os.PathLike, ...] = (),
+    embed_recipe: bool = True,
 ) -> SavedResult:
     """Save (3, T, H, W) frames in [-1, 1] as `<stem>.mp4` (`.png` when T == 1) plus a redacted `<stem>.json`.
 
     `references` (the images or clip the run was conditioned on) are copied beside it as `<stem>.ref<i><suffix>`
     and named in the recipe's `references_saved`, so the result can be made again after the upload cache is
-    cleared."""
+    cleared. `embed_recipe=False` leaves the recipe out of the file's own comment tag (the JSON beside it stays:
+    the history needs it)."""
     if frames.ndim != 4:
         raise ValueError(f"expected (3, T, H, W) frames, got shape {tuple(frames.shape)}.")
     # Round-trip through JSON first: dataclasses become dicts, so their secret fields are redacted too.
@@ -222,11 +224,11 @@ def save_result(
             written.append(write_atomically(copy, copy.suffix, lambda tmp, src=source: shutil.copyfile(src, tmp)))
         if copies:
             clean["references_saved"] = [copy.name for copy in copies]
-        comment = _recipe_comment(clean, recipe_path.name)
+        comment = _recipe_comment(clean, recipe_path.name) if embed_recipe else None
         if frames.shape[1] == 1:
-            written.append(write_png(frames, media_path, metadata={"Comment": comment}))
+            written.append(write_png(frames, media_path, metadata={"Comment": comment} if comment else None))
         else:
-            written.append(write_video(frames, media_path, fps, metadata={"comment": comment}))
+            written.append(write_video(frames, media_path, fps, metadata={"comment": comment} if comment else None))
         # The JSON goes last: its presence is what makes a result complete (pipelines.results.list_results).
         written.append(write_json_atomic(clean, recipe_path))
     except OSError as exc:

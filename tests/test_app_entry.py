@@ -17,7 +17,7 @@ def test_app_help_lists_the_studio_flags():
                             timeout=180, env=env)
     assert result.returncode == 0, result.stderr
     for flag in ("--preset", "--share", "--host", "--port", "--device", "--offload", "--compile", "--output-dir",
-                 "--weights-dir", "--queue-size", "--root-path", "--public", "--mcp"):
+                 "--weights-dir", "--queue-size", "--root-path", "--public", "--no-metadata", "--mcp"):
         assert flag in result.stdout
 
 

@@ -198,6 +198,16 @@ def test_a_failed_save_removes_the_reference_copies_too(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_the_recipe_can_be_left_out_of_the_files_own_tags(tmp_path):
+    kept = save_result(clip(), tmp_path, {"prompt": "a secret plan"}, fps=24, mode="t2v", seed=1)
+    bare = save_result(clip(), tmp_path, {"prompt": "a secret plan"}, fps=24, mode="t2v", seed=2, embed_recipe=False)
+    single = save_result(clip(t=1), tmp_path, {"prompt": "a secret plan"}, fps=24, mode="t2i", seed=3,
+                         embed_recipe=False)
+    assert b"a secret plan" in kept.video_path.read_bytes()
+    assert b"a secret plan" not in bare.video_path.read_bytes() + single.video_path.read_bytes()
+    assert json.loads(bare.recipe_path.read_text())["prompt"] == "a secret plan"  # the sidecar stays
+
+
 def test_save_result_writes_png_for_one_frame(tmp_path):
     result = save_result(clip(t=1), tmp_path, {"prompt": "x"}, fps=24, mode="t2i", seed=0)
     assert result.video_path.suffix == ".png"
