@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import gradio as gr
 
-from pipelines.options import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, frames_for_seconds
+from pipelines.options import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, OptionsError, frames_for_seconds
 from pipelines.prompt_refine import LLMConfig
 from pipelines.sizes import closest_aspect_ratio, get_image_size, round_up
 
@@ -171,6 +171,37 @@ def session_llm(server: LLMConfig, base_url: str | None, model: str | None, api_
         return server, f"These LLM settings are not used ({exc}); the server's stay."
 
 
+# Saved parameter sets: every shared setting but the prompt (a set is reused across prompts).
+PARAMETER_SET_FIELDS = ("negative_prompt", "resolution", "aspect_ratio", "num_frames", "fps", "motion_score",
+                        "num_steps", "guidance", "guidance_img", "seed", "randomize_seed")
+MAX_PARAMETER_SETS = 30
+SETTINGS_STORAGE_KEY = "open-sora-studio-settings"  # the browser's localStorage entry for saved parameter sets
+
+
+def save_parameter_set(saved, name: str | None, values: list) -> tuple[dict, str]:
+    """(the browser's saved sets with `values` (PARAMETER_SET_FIELDS order) under `name`, a line saying so);
+    raises OptionsError for a missing or overlong name, or one set too many."""
+    sets = dict(saved) if isinstance(saved, dict) else {}
+    name = (name or "").strip()
+    if not name:
+        raise OptionsError("name the settings first (e.g. 'slow pans, 8 s')")
+    if len(name) > 60:
+        raise OptionsError("keep the name under 60 characters")
+    if name not in sets and len(sets) >= MAX_PARAMETER_SETS:
+        raise OptionsError(f"{MAX_PARAMETER_SETS} sets are saved already: delete one first")
+    sets[name] = dict(zip(PARAMETER_SET_FIELDS, values))
+    return sets, f"Saved the settings as *{name}* (in this browser)."
+
+
+def load_parameter_set(saved, name: str | None) -> dict:
+    """The values of a saved set by field name (only PARAMETER_SET_FIELDS); raises OptionsError when it is gone."""
+    sets = saved if isinstance(saved, dict) else {}
+    values = sets.get((name or "").strip())
+    if not isinstance(values, dict):
+        raise OptionsError("choose a saved set first")
+    return {key: value for key, value in values.items() if key in PARAMETER_SET_FIELDS and value is not None}
+
+
 def remember_llm(base_url: str | None, model: str | None) -> dict:
     """What the browser keeps of the LLM settings between visits: the endpoint and model, never the key."""
     return {"base_url": (base_url or "").strip(), "model": (model or "").strip()}
@@ -233,10 +264,20 @@ class RefineControls:
 
 
 @dataclass
+class ParameterSets:
+    choice: gr.Dropdown
+    name: gr.Textbox
+    save: gr.Button
+    load: gr.Button
+    delete: gr.Button
+
+
+@dataclass
 class DurationControls:
     seconds: gr.Slider
     text: gr.Markdown
     size: gr.Markdown
+    sets: ParameterSets
 
 
 def build_prompt_block(server_llm: LLMConfig) -> tuple[dict, RefineControls]:
@@ -307,14 +348,25 @@ def build_settings_block(preset) -> tuple[dict, DurationControls]:
                              info="The seed used is written back here after each run.")
             randomize = gr.Checkbox(value=True, label="Randomize seed",
                                     info="Untick to reuse the seed above and reproduce a result.")
+        with gr.Row(equal_height=True):
+            saved_sets = gr.Dropdown([], value=None, label="Saved settings", allow_custom_value=False,
+                                     elem_id="saved-settings", info="Everything above and the negative prompt, "
+                                                                    "kept in this browser.")
+            set_name = gr.Textbox(label="Name", max_lines=1, placeholder="e.g. slow pans, 8 s", elem_id="set-name")
+            with gr.Column(min_width=120):
+                save_set = gr.Button("Save", size="sm", elem_id="save-settings")
+                load_set = gr.Button("Load", size="sm", elem_id="load-saved-settings")
+                delete_set = gr.Button("Delete", size="sm", elem_id="delete-settings")
     components = {"resolution": resolution, "aspect_ratio": aspect, "num_frames": frames, "fps": fps,
                   "motion_score": motion, "num_steps": steps, "guidance": guidance, "guidance_img": guidance_img,
                   "seed": seed, "randomize_seed": randomize}
-    return components, DurationControls(seconds, text, size)
+    return components, DurationControls(seconds, text, size, ParameterSets(saved_sets, set_name, save_set, load_set,
+                                                                          delete_set))
 
 
-def wire_settings(preset, shared: SharedControls, duration: DurationControls) -> None:
-    """Keep the derived texts in step: size label, aspect choices, seconds -> frames, frames -> duration text."""
+def wire_settings(demo, preset, shared: SharedControls, duration: DurationControls) -> None:
+    """Keep the derived texts in step (size label, aspect choices, seconds <-> frames, duration text) and wire the
+    saved parameter sets."""
     max_frames = preset.sampling.max_frames
 
     def on_resolution(resolution, aspect):
@@ -333,6 +385,43 @@ def wire_settings(preset, shared: SharedControls, duration: DurationControls) ->
         slider = gr.skip() if seconds is None else gr.Slider(value=seconds[0], maximum=seconds[1])
         return duration_text(num_frames, fps), slider
 
+    _wire_parameter_sets(demo, shared, duration.sets)
     for source in (shared.num_frames, shared.fps):  # frames, fps or Load settings -> the text and the slider
         source.change(on_frames_or_fps, [shared.num_frames, shared.fps], [duration.text, duration.seconds],
                       queue=False, api_visibility="private")
+
+
+def _wire_parameter_sets(demo, shared: SharedControls, sets: ParameterSets) -> None:
+    """Save / load / delete named parameter sets in the browser's localStorage (gr.BrowserState)."""
+    stored = gr.BrowserState({}, storage_key=SETTINGS_STORAGE_KEY)
+    fields_ = [getattr(shared, name) for name in PARAMETER_SET_FIELDS]
+
+    def names(saved) -> list[str]:
+        return sorted(saved) if isinstance(saved, dict) else []
+
+    def on_save(saved, name, *values):
+        try:
+            saved, message = save_parameter_set(saved, name, list(values))
+        except OptionsError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        gr.Info(message)
+        return saved, gr.Dropdown(choices=names(saved), value=name.strip())
+
+    def on_load(saved, name):
+        try:
+            values = load_parameter_set(saved, name)
+        except OptionsError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        return [values.get(field, gr.skip()) for field in PARAMETER_SET_FIELDS]
+
+    def on_delete(saved, name):
+        sets = {k: v for k, v in (saved or {}).items() if k != name} if isinstance(saved, dict) else {}
+        return sets, gr.Dropdown(choices=names(sets), value=None)
+
+    sets.save.click(on_save, [stored, sets.name, *fields_], [stored, sets.choice], queue=False,
+                    api_visibility="private")
+    sets.load.click(on_load, [stored, sets.choice], fields_, queue=False, api_visibility="private")
+    sets.delete.click(on_delete, [stored, sets.choice], [stored, sets.choice], queue=False, api_visibility="private")
+    sets.choice.select(lambda name: name, sets.choice, sets.name, queue=False, api_visibility="private")
+    demo.load(lambda saved: gr.Dropdown(choices=names(saved)), stored, sets.choice, queue=False,
+              api_visibility="private")

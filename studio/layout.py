@@ -195,7 +195,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
                 panels = build_panels(pool, settings.memory_refresh_s, allow_unload=not settings.public)
         history = _build_history(settings.public)
         shared = SharedControls(**prompt_parts, **settings_parts)
-        wire_settings(preset, shared, duration)
+        wire_settings(demo, preset, shared, duration)
         wire_estimate(pool, shared, panels, mode_state)
         refresh_history = _wire_history(demo, shared, tabs, tab_list, mode_state, history, settings, out["video"],
                                         job_state)

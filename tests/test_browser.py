@@ -77,5 +77,18 @@ def test_generate_send_to_extend_and_open_loop_in_the_browser(tmp_path):
             page.wait_for_function("() => { const e = document.querySelector('#llm-model textarea, #llm-model input');"
                                    " return !!e && e.value === 'llava-remembered'; }", timeout=30_000)
             assert model.input_value() == "llava-remembered"
+            # A named parameter set is saved in the browser and loaded back over changed settings.
+            frames = page.get_by_label("Frames", exact=True)
+            frames.fill("65")
+            frames.press("Tab")
+            page.locator("#set-name textarea, #set-name input").first.fill("long clips")
+            page.locator("#save-settings").click()
+            page.wait_for_function("() => (document.querySelector('#saved-settings input') || {}).value"
+                                   " === 'long clips'", timeout=30_000)
+            frames.fill("33")
+            frames.press("Tab")
+            page.locator("#load-saved-settings").click()
+            page.wait_for_function("() => [...document.querySelectorAll('input[type=number]')]"
+                                   ".some(e => e.value === '65')", timeout=30_000)
         finally:
             browser.close()

@@ -555,6 +555,29 @@ def test_an_extensions_video_so_far_plays_in_the_result_player(monkeypatch):
     assert shown == ["/tmp/segments-1-to-1.mp4", "x.mp4"]  # the video so far, then the result
 
 
+def test_parameter_sets_are_saved_by_name_and_loaded_back():
+    from studio.controls import PARAMETER_SET_FIELDS, load_parameter_set, save_parameter_set
+
+    values = ["blurry", "256px", "16:9", 65, 12, "5", 40, 6.5, 2.0, 42, False]
+    assert len(values) == len(PARAMETER_SET_FIELDS)
+    saved, message = save_parameter_set(None, "  slow pans ", values)
+    assert list(saved) == ["slow pans"] and "slow pans" in message
+    loaded = load_parameter_set(saved, "slow pans")
+    assert loaded["num_frames"] == 65 and loaded["motion_score"] == "5" and loaded["randomize_seed"] is False
+    assert "prompt" not in loaded  # a set is reused across prompts
+    tampered = {"x": {"num_steps": 10, "api_key": "sk-1", "prompt": "y"}}  # localStorage can hold anything
+    assert load_parameter_set(tampered, "x") == {"num_steps": 10}
+    for bad_name in ("", "   ", "n" * 61):
+        with pytest.raises(OptionsError):
+            save_parameter_set(saved, bad_name, values)
+    full = {f"set {i}": {} for i in range(30)}
+    with pytest.raises(OptionsError, match="delete one"):
+        save_parameter_set(full, "one more", values)
+    assert "set 0" in save_parameter_set(full, "set 0", values)[0]  # overwriting an existing name is fine
+    with pytest.raises(OptionsError, match="choose"):
+        load_parameter_set(saved, "gone")
+
+
 def test_browser_remembers_the_llm_endpoint_and_model_but_never_the_key():
     from studio.controls import remember_llm, restore_llm
 
@@ -566,15 +589,15 @@ def test_browser_remembers_the_llm_endpoint_and_model_but_never_the_key():
     assert restore_llm({"base_url": "", "model": 3}) == (None, None)
 
 
-def test_demo_keeps_llm_settings_in_browser_state_under_a_stable_key(tmp_path):
+def test_demo_keeps_llm_settings_and_parameter_sets_in_browser_state_under_stable_keys(tmp_path):
     import gradio as gr
 
     from studio import StudioSettings, build_demo
-    from studio.controls import LLM_STORAGE_KEY
+    from studio.controls import LLM_STORAGE_KEY, SETTINGS_STORAGE_KEY
 
     demo = build_demo(EnginePool([FakeEngine()]), StudioSettings(output_dir=tmp_path))
     stores = [b for b in demo.blocks.values() if isinstance(b, gr.BrowserState)]
-    assert [store.storage_key for store in stores] == [LLM_STORAGE_KEY]
+    assert sorted(store.storage_key for store in stores) == sorted([LLM_STORAGE_KEY, SETTINGS_STORAGE_KEY])
 
 
 def test_video_to_gif_writes_a_looping_gif_beside_the_video_once(tmp_path):
