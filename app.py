@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio import STUDIO_CSS, EnginePool, StudioSettings, build_demo, deployment_is_public, studio_theme
+from studio.settings import load_browser_secret
 
 log = logging.getLogger("app")
 # ZeroGPU time asked per generation: a request longer than the visitor's remaining daily quota is refused before
@@ -73,7 +74,8 @@ def create_pool(args: argparse.Namespace, settings: StudioSettings) -> EnginePoo
 
     preset = get_preset(args.preset, weights_dir=args.weights_dir)
     engines = [Engine(preset, device=device, offload=args.offload, compile=args.compile,
-                      output_dir=settings.output_dir, llm=settings.llm, embed_recipe=not args.no_metadata)
+                      output_dir=settings.output_dir, llm=settings.llm, embed_recipe=not args.no_metadata,
+                      partial_videos=True, keep_references=not settings.public)  # (visitors' uploads: not kept)
                for device in pick_devices(args.device)]
     for engine in engines:
         log.info("loading %s on %s", preset.name, engine.device)
@@ -94,7 +96,8 @@ def create_settings(args: argparse.Namespace) -> StudioSettings:
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator(args.preset),
-                          public=deployment_is_public(args.host, args.share, args.root_path, args.public))
+                          public=deployment_is_public(args.host, args.share, args.root_path, args.public),
+                          browser_secret=load_browser_secret(output_dir))
 
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, settings: StudioSettings, **kwargs):

@@ -74,15 +74,27 @@ class PartialVideoEvent:
 PARTIAL_LINGER_S = 60.0
 
 
-def _partial_folder() -> Path:
-    """A fresh temporary folder for one run's partial videos."""
-    return Path(tempfile.mkdtemp(prefix="opensora-partial-"))
+class _PartialVideos:
+    """An extension's video so far, written after each segment to a temporary folder that is removed a minute
+    after the run (a viewer may still be fetching the last one). Best effort: a partial that cannot be written
+    is logged and skipped, never a reason to fail the run."""
 
+    def __init__(self) -> None:
+        self.folder: Path | None = None
 
-def _remove_later(folder: Path, delay_s: float = PARTIAL_LINGER_S) -> None:
-    timer = threading.Timer(delay_s, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True})
-    timer.daemon = True
-    timer.start()
+    def write(self, video: torch.Tensor, done: int, fps: int) -> Path | None:
+        try:
+            self.folder = self.folder or Path(tempfile.mkdtemp(prefix="opensora-partial-"))
+            return write_video(video, self.folder / f"segments-1-to-{done}.mp4", fps)
+        except (OSError, ValueError) as exc:
+            log.warning("the video so far was not written: %s", exc)
+            return None
+
+    def close(self, delay_s: float = PARTIAL_LINGER_S) -> None:
+        if self.folder is not None:
+            timer = threading.Timer(delay_s, shutil.rmtree, args=(self.folder,), kwargs={"ignore_errors": True})
+            timer.daemon = True
+            timer.start()
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,8 @@ def _frame_rate_warning(source_fps: float | None, fps: int) -> list[str]:
 class Engine:
     def __init__(self, preset: ModelPreset | str | None = None, *, device: str | None = None, offload: bool = False,
                  output_dir: str | Path = "outputs", llm: LLMConfig | None = None, preview_every: int = 2,
-                 compile: bool = False, embed_recipe: bool = True):
+                 compile: bool = False, embed_recipe: bool = True, partial_videos: bool = False,
+                 keep_references: bool = True):
         self.preset = get_preset(preset or DEFAULT_PRESET) if not isinstance(preset, ModelPreset) else preset
         self.device = pick_device(device)
         self.offload = offload and self.device.type == "cuda"
@@ -154,6 +167,8 @@ class Engine:
         self._compiled_for: set[tuple] = set()  # (latent shape, condition type) the compiled MMDiT has run
         self.output_dir = Path(output_dir)
         self.embed_recipe = embed_recipe  # the recipe in each file's comment tag too (the JSON sidecar always)
+        self.partial_videos = partial_videos  # after each extension segment, the video so far (for a viewer)
+        self.keep_references = keep_references  # copies of the reference media beside each result
         self.llm = llm or LLMConfig.from_env()
         self._run_llm = self.llm  # the endpoint of the run in progress (a studio session may bring its own)
         self.preview_every = preview_every
@@ -261,12 +276,18 @@ class Engine:
                 self.state.stage = "idle"
 
     def _run(self, opts: ResolvedOptions, emit, stop, peak, finish_segment) -> GenerationResult:
-        made = self._generate(opts, emit, stop, finish_segment)
+        partials = _PartialVideos() if self.partial_videos else None
+        try:
+            made = self._generate(opts, emit, stop, finish_segment, partials)
+        finally:
+            if partials is not None:
+                partials.close()
         # After a Stop during a later segment (or image first's step 2) what was finished is saved all the same.
         self._stage("save", "Saving the video", emit, (lambda: False) if made.stopped_early else stop)
         recipe = self._recipe(made, peak)
         saved: SavedResult = save_result(made.video, self.output_dir, recipe, opts.fps, opts.mode, opts.seed,
-                                         opts.name, references=opts.references, embed_recipe=self.embed_recipe)
+                                         opts.name, references=opts.references if self.keep_references else (),
+                                         embed_recipe=self.embed_recipe)
         self.state.last_peak_bytes = recipe["peak_memory_bytes"]
         self.state.runs += 1
         return GenerationResult(saved.video_path, saved.recipe_path, recipe, opts.seed, tuple(made.warnings))
@@ -290,13 +311,14 @@ class Engine:
         timings["encode_text"] = timings.get("encode_text", 0.0) + time.perf_counter() - mark
         return PromptText(refined, final_prompt, motion, text, negative)
 
-    def _generate(self, opts: ResolvedOptions, emit, stop, finish_segment=lambda: False) -> "GeneratedVideo":
+    def _generate(self, opts: ResolvedOptions, emit, stop, finish_segment=lambda: False,
+                  partials: _PartialVideos | None = None) -> "GeneratedVideo":
         timings, warnings, t0 = {}, [], time.perf_counter()
         prepared = {piece: self._prepare_prompt(opts, piece, emit, stop, warnings, timings)
                     for piece in dict.fromkeys(opts.segment_prompts)}  # each distinct prompt once, in order
         prompts = [prepared[piece] for piece in opts.segment_prompts]
 
-        pixels = partials = None
+        pixels = None
         video = raw = None
         counter, done, stopped_early = DenoiseCounter(), 0, False
         if opts.image_first:  # t2i, then i2v from that frame (Open-Sora 2.0's text -> image -> video flow)
@@ -332,13 +354,11 @@ class Engine:
             if opts.segments > 1:
                 emit(StageEvent("decode", f"Segment {done} of {opts.segments} done: {video.shape[1]} frames"))
                 emit(PreviewEvent(video_strip(video), opts.num_steps))
-                if done < opts.segments:  # the video so far, playable while the next segment samples
-                    partials = partials or _partial_folder()
-                    path = write_video(video, partials / f"segments-1-to-{done}.mp4", opts.fps)
-                    emit(PartialVideoEvent(path, done))
+                if partials is not None and done < opts.segments:  # playable while the next one samples
+                    path = partials.write(video, done, opts.fps)
+                    if path is not None:
+                        emit(PartialVideoEvent(path, done))
         timings["total"] = time.perf_counter() - t0
-        if partials is not None:  # a viewer may still be fetching the last one: removed a minute later
-            _remove_later(partials)
         return GeneratedVideo(opts, video, raw, prompts, counter, timings, warnings, done, stopped_early)
 
     def _segment(self, opts: ResolvedOptions, text, negative, pixels, segment: int, counter, timings: dict, emit,

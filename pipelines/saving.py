@@ -218,10 +218,8 @@ def save_result(
         stem = unique_output_stem(out_dir, mode, seed, name=name)
         media_path = stem.with_name(stem.name + (".png" if frames.shape[1] == 1 else ".mp4"))
         recipe_path = stem.with_name(stem.name + ".json")
-        sources = [Path(ref) for ref in references if ref]
-        copies = [stem.with_name(f"{stem.name}.ref{i}{src.suffix.lower()}") for i, src in enumerate(sources)]
-        for source, copy in zip(sources, copies):
-            written.append(write_atomically(copy, copy.suffix, lambda tmp, src=source: shutil.copyfile(src, tmp)))
+        copies = _copy_references(references, stem)
+        written.extend(copies)
         if copies:
             clean["references_saved"] = [copy.name for copy in copies]
         comment = _recipe_comment(clean, recipe_path.name) if embed_recipe else None
@@ -248,6 +246,27 @@ def save_result(
             _release_quietly(stem)
     logger.info("saved %s", written[-2])
     return SavedResult(video_path=written[-2], recipe_path=written[-1])
+
+
+def _copy_references(references, stem: Path) -> list[Path]:
+    """Copy each reference beside the result as `<stem>.ref<i><suffix>` (a hard link when it already lies in the
+    output folder, e.g. a result sent to Extend). Best effort: a reference that cannot be copied is logged and
+    left out, never a reason to lose the finished video."""
+    copies = []
+    for i, ref in enumerate(r for r in references if r):
+        source = Path(ref)
+        suffix = source.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,8}", source.suffix.lower()) else ""
+        copy = stem.with_name(f"{stem.name}.ref{i}{suffix}")
+        try:
+            if source.parent.resolve() == stem.parent.resolve():
+                os.link(source, copy)
+            else:
+                write_atomically(copy, f".partial{suffix}", lambda tmp, src=source: shutil.copyfile(src, tmp))
+        except OSError as exc:
+            logger.warning("reference %s not kept beside the result: %s", source.name, exc)
+            continue
+        copies.append(copy)
+    return copies
 
 
 def _recipe_comment(recipe: dict, recipe_name: str) -> str:

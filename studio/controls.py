@@ -364,7 +364,8 @@ def build_settings_block(preset) -> tuple[dict, DurationControls]:
                                                                           delete_set))
 
 
-def wire_settings(demo, preset, shared: SharedControls, duration: DurationControls) -> None:
+def wire_settings(demo, preset, shared: SharedControls, duration: DurationControls,
+                  browser_secret: str | None = None) -> None:
     """Keep the derived texts in step (size label, aspect choices, seconds <-> frames, duration text) and wire the
     saved parameter sets."""
     max_frames = preset.sampling.max_frames
@@ -385,15 +386,15 @@ def wire_settings(demo, preset, shared: SharedControls, duration: DurationContro
         slider = gr.skip() if seconds is None else gr.Slider(value=seconds[0], maximum=seconds[1])
         return duration_text(num_frames, fps), slider
 
-    _wire_parameter_sets(demo, shared, duration.sets)
+    _wire_parameter_sets(demo, shared, duration.sets, browser_secret)
     for source in (shared.num_frames, shared.fps):  # frames, fps or Load settings -> the text and the slider
         source.change(on_frames_or_fps, [shared.num_frames, shared.fps], [duration.text, duration.seconds],
                       queue=False, api_visibility="private")
 
 
-def _wire_parameter_sets(demo, shared: SharedControls, sets: ParameterSets) -> None:
+def _wire_parameter_sets(demo, shared: SharedControls, sets: ParameterSets, secret: str | None) -> None:
     """Save / load / delete named parameter sets in the browser's localStorage (gr.BrowserState)."""
-    stored = gr.BrowserState({}, storage_key=SETTINGS_STORAGE_KEY)
+    stored = gr.BrowserState({}, storage_key=SETTINGS_STORAGE_KEY, secret=secret)
     fields_ = [getattr(shared, name) for name in PARAMETER_SET_FIELDS]
 
     def names(saved) -> list[str]:
@@ -415,7 +416,10 @@ def _wire_parameter_sets(demo, shared: SharedControls, sets: ParameterSets) -> N
         return [values.get(field, gr.skip()) for field in PARAMETER_SET_FIELDS]
 
     def on_delete(saved, name):
-        sets = {k: v for k, v in (saved or {}).items() if k != name} if isinstance(saved, dict) else {}
+        if not name:
+            gr.Warning("Choose a saved set to delete first.")
+            return gr.skip(), gr.skip()
+        sets = {k: v for k, v in saved.items() if k != name} if isinstance(saved, dict) else {}
         return sets, gr.Dropdown(choices=names(sets), value=None)
 
     sets.save.click(on_save, [stored, sets.name, *fields_], [stored, sets.choice], queue=False,

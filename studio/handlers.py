@@ -234,8 +234,12 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
     try:
         yield gr.skip(), gr.skip(), options.seed, status_html(JobUpdate(), warning), gr.skip()
         options = _resolve_motion(options, llm)
+        shown_so_far = False
         for update, outputs in _stream(pool, options, job, run_id, progress, warning, llm):
+            shown_so_far = shown_so_far or bool(update.partial_video)
             yield outputs
+        if update.error is not None and shown_so_far:  # an unsaved video so far must not pass for a result
+            yield None, gr.skip(), gr.skip(), status_html(update, warning), gr.skip()
         yield from _finish(update, started)
     finally:
         job.finish(run_id)

@@ -58,17 +58,20 @@ def settings_from_recipe(recipe: dict, folder: str | Path | None = None) -> dict
         "randomize_seed": False,
         # the prompt above is what ran: a refined prompt left ticked from earlier must not replace it
         "refined_prompt": "", "use_refined": False,
-        # the tab's own settings (their media are not reloaded)
+        # the tab's own settings (its media: from the reference copies, below)
         "image_first": options.get("image_first"), "image_position": options.get("i2v_position"),
         "direction": options.get("extend_direction"), "easy": options.get("extend_easy"),
         "segments": options.get("segments"),
     }
     if prompt.get("refined") and not prompt.get("per_segment"):  # (per-segment runs refined each piece apart)
         values["refined_prompt"], values["use_refined"] = prompt["refined"], True
-    saved = recipe.get("references_saved") or []
+    values = {key: value for key, value in values.items() if value is not None}
+    saved = recipe.get("references_saved")
     if folder is not None and isinstance(saved, list):
+        # Every media input of the tab is set, a missing copy to None (cleared): a one-image loop must not pick
+        # up a last image left in the tab from before.
         copies = [Path(folder) / Path(str(name)).name for name in saved]  # a name only: never outside the folder
         media = [name for name in TAB_NAMES.get(values["mode"], ()) if name in MEDIA_INPUTS]  # in reference order
-        for name, copy in zip(media, copies):
-            values[name] = str(copy) if copy.is_file() else None
-    return {key: value for key, value in values.items() if value is not None}
+        for i, name in enumerate(media):
+            values[name] = str(copies[i]) if i < len(copies) and copies[i].is_file() else None
+    return values

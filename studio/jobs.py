@@ -107,12 +107,14 @@ class SessionJob:
     finish_up_to: int = -1  # ... to stop after the segment they are making (Extend in segments)
     running: bool = False
     made: list[str] = field(default_factory=list)  # file stems of the results this session saved
+    last_result: str | None = None  # the latest result's media file (an .mp4, or a .png for a single frame)
 
     def record(self, path: str | os.PathLike | None) -> None:
         """A run of this session saved a result (the History of a public studio lists only these)."""
         stem = Path(path).stem if path else None
         if stem and stem not in self.made:
             self.made.append(stem)
+            self.last_result = str(path)
 
     def start(self) -> int:
         """Begin a new run; returns its number."""

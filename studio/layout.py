@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,19 +78,26 @@ def _pick_fps(path):
     return min(60, max(1, round(rate))) if rate else gr.skip()
 
 
-def last_frame_to_i2v(video, preview):
+FRAMES_DIR = Path(tempfile.gettempdir()) / "opensora-studio-frames"  # frames handed to a tab; an hour at most
+
+
+def last_frame_to_i2v(video, job: SessionJob):
     """The result's last frame (a single-frame result: the frame itself) as the Image to video tab's image, to
     carry a scene on from where it ended."""
     if video:
-        handle, name = tempfile.mkstemp(prefix="last-frame-", suffix=".png")
+        FRAMES_DIR.mkdir(exist_ok=True)
+        for old in FRAMES_DIR.glob("*.png"):  # Gradio keeps its own copy of what it was handed
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink(missing_ok=True)
+        handle, name = tempfile.mkstemp(prefix="last-frame-", suffix=".png", dir=FRAMES_DIR)
         os.close(handle)
         try:
             image = str(save_clip_frame(video, last=True, out=name))
-        except OptionsError as exc:
+        except Exception as exc:  # an unreadable file, whatever the reason, is said, not raised
             Path(name).unlink(missing_ok=True)
-            raise gr.Error(str(exc), print_exception=False) from None
-    elif preview and str(preview).endswith(".png"):
-        image = preview
+            raise gr.Error(f"cannot take a frame from the result: {exc}", print_exception=False) from None
+    elif job is not None and str(job.last_result or "").endswith(".png"):
+        image = job.last_result
     else:
         gr.Warning("There is no result to take a frame from yet: generate a video first.")
         return gr.skip(), gr.skip(), gr.skip()
@@ -106,7 +114,7 @@ def _build_outputs() -> dict:
         send_frame = gr.Button("Last frame → Image to video", elem_id="send-to-i2v")
         gif = gr.Button("Make GIF", elem_id="make-gif")
     gif_file = gr.File(label="GIF", interactive=False, height=60, elem_id="gif-file")
-    preview = gr.Image(label="Preview", interactive=False, height=140, type="filepath",
+    preview = gr.Image(label="Preview", interactive=False, height=140,
                        elem_id="preview")
     with gr.Accordion("Recipe (JSON: every setting, to reproduce the result)", open=False):
         recipe = gr.JSON(label="Recipe", elem_id="recipe")
@@ -195,8 +203,9 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
                 panels = build_panels(pool, settings.memory_refresh_s, allow_unload=not settings.public)
         history = _build_history(settings.public)
         shared = SharedControls(**prompt_parts, **settings_parts)
-        wire_settings(demo, preset, shared, duration)
-        wire_estimate(pool, shared, panels, mode_state)
+        wire_settings(demo, preset, shared, duration, settings.browser_secret)
+        extend_tab = next(tab for tab in tab_list if tab.mode == "extend")  # inputs: video, direction, easy, segments
+        wire_estimate(pool, shared, panels, mode_state, *extend_tab.inputs[2:4])
         refresh_history = _wire_history(demo, shared, tabs, tab_list, mode_state, history, settings, out["video"],
                                         job_state)
         ui = SimpleNamespace(tabs=tabs, tab_list=tab_list, shared=shared, out=out, panels=panels, history=history,
@@ -262,7 +271,7 @@ def _wire_result_buttons(ui, events: list, settings: StudioSettings) -> None:
 
     out["send"].click(send_to_extend, out["video"], [extend_video, ui.tabs, ui.mode], api_visibility="private")
     i2v_image = next(tab for tab in ui.tab_list if tab.mode == "i2v").inputs[0]
-    out["send_frame"].click(last_frame_to_i2v, [out["video"], out["preview"]], [i2v_image, ui.tabs, ui.mode],
+    out["send_frame"].click(last_frame_to_i2v, [out["video"], ui.job], [i2v_image, ui.tabs, ui.mode],
                             api_visibility="private")
 
     def make_gif(path):
@@ -283,7 +292,7 @@ def _wire_refine(demo, settings: StudioSettings, ui) -> None:
     """LLM settings per session, the base URL and model remembered by the browser (never the key, which stays in
     this session on the server and is never echoed), and the Refine button."""
     ctl, by_mode = ui.refine, {tab.mode: tab for tab in ui.tab_list}
-    remembered = gr.BrowserState({}, storage_key=LLM_STORAGE_KEY)
+    remembered = gr.BrowserState({}, storage_key=LLM_STORAGE_KEY, secret=settings.browser_secret)
     for box in (ctl.base_url, ctl.model):
         box.change(remember_llm, [ctl.base_url, ctl.model], remembered, queue=False, api_visibility="private")
     demo.load(lambda saved: [gr.skip() if value is None else value for value in restore_llm(saved)], remembered,

@@ -66,8 +66,8 @@ def save_clip_frame(path: str | Path, last: bool, out: str | Path) -> Path:
             if last:
                 for frame in frames:  # keep only the latest: a long clip never sits in memory
                     pass
-    except (av.error.FFmpegError, OSError) as exc:
-        raise OptionsError(f"cannot read the clip {Path(path).name}: {exc}") from None
+    except (av.error.FFmpegError, OSError, IndexError) as exc:  # (IndexError: no video stream)
+        raise OptionsError(f"cannot read the clip {Path(path).name}: {exc or 'no video stream'}") from None
     if frame is None:
         raise OptionsError(f"{Path(path).name} has no frames")
     frame.to_image().convert("RGB").save(out, format="PNG")

@@ -51,13 +51,23 @@ _ESTIMATE_REFERENCES = {"t2v": (), "i2v": ("image.png",), "loop": ("first.png",)
 _MODE_WORDS = {"t2v": "text-to-video", "i2v": "image-to-video", "loop": "loop", "extend": "extension"}
 
 
-def estimate_markdown(pool: EnginePool, resolution, aspect_ratio, num_frames, mode: str | None = "t2v") -> str:
+def estimate_options(mode: str | None, resolution, aspect_ratio, num_frames, easy=False,
+                     segments=1) -> GenerationOptions:
+    """The request the estimate prices: the active tab's mode with its kind of reference, and for Extend its
+    *easy* (65 conditioning frames) and segments."""
+    mode = mode if mode in _ESTIMATE_REFERENCES else "t2v"
+    extend = {"extend_easy": bool(easy), "segments": segments or 1} if mode == "extend" else {}
+    return GenerationOptions(mode=mode, prompt="estimate", resolution=resolution, aspect_ratio=aspect_ratio,
+                             num_frames=num_frames, references=_ESTIMATE_REFERENCES[mode], **extend)
+
+
+def estimate_markdown(pool: EnginePool, resolution, aspect_ratio, num_frames, mode: str | None = "t2v",
+                      easy=False, segments=1) -> str:
     """The memory estimate of a run of the active tab's mode at these settings (a reference adds its encoding
     and, for image guidance, a third guidance branch)."""
-    mode = mode if mode in _ESTIMATE_REFERENCES else "t2v"
     try:
-        options = GenerationOptions(mode=mode, prompt="estimate", resolution=resolution, aspect_ratio=aspect_ratio,
-                                    num_frames=num_frames, references=_ESTIMATE_REFERENCES[mode])
+        options = estimate_options(mode, resolution, aspect_ratio, num_frames, easy, segments)
+        mode = options.mode
         fits, note = pool.memory_verdict(options)  # validated (None: the preset's) by the estimate
     except (TypeError, ValueError) as exc:  # settings the request check will explain
         return f"Memory estimate: unavailable for these settings ({html.escape(str(exc))})."
@@ -86,10 +96,10 @@ def unload_models(pool: EnginePool) -> tuple[str, list[list]]:
     return message, param_rows(pool)
 
 
-def wire_estimate(pool: EnginePool, shared, panels: Panels, mode_state) -> None:
-    """Recompute the estimate when the frame size, the clip length or the tab changes, and with the memory timer
-    (what is available moves as other programs run)."""
-    inputs = [shared.resolution, shared.aspect_ratio, shared.num_frames, mode_state]
+def wire_estimate(pool: EnginePool, shared, panels: Panels, mode_state, extend_easy, extend_segments) -> None:
+    """Recompute the estimate when the frame size, the clip length, the tab or Extend's own settings change, and
+    with the memory timer (what is available moves as other programs run)."""
+    inputs = [shared.resolution, shared.aspect_ratio, shared.num_frames, mode_state, extend_easy, extend_segments]
     for trigger in (*(source.change for source in inputs), panels.timer.tick):
         trigger(lambda *values: estimate_markdown(pool, *values), inputs, panels.estimate, queue=False,
                 api_visibility="private", show_progress="hidden")

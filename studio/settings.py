@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -25,6 +26,29 @@ def deployment_is_public(host: str | None, share: bool | None, root_path: str | 
     return forced or bool(environ.get("SPACE_ID")) or bool(share) or proxied or host not in LOOPBACK_HOSTS
 
 
+BROWSER_SECRET_FILE = ".browser-state-key"  # hidden: never listed as a result
+
+
+def load_browser_secret(output_dir: str | os.PathLike, environ: Mapping[str, str] = os.environ) -> str:
+    """STUDIO_BROWSER_SECRET, else a key kept in the output folder (made on first use, readable by the owner
+    only), so that settings a browser saved survive a restart of the studio."""
+    if environ.get("STUDIO_BROWSER_SECRET"):
+        return environ["STUDIO_BROWSER_SECRET"]
+    path = Path(output_dir) / BROWSER_SECRET_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(24)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key
+
+
 @dataclass(frozen=True)
 class StudioSettings:
     """Server-wide studio options (per-user state lives in gr.State, never here)."""
@@ -37,6 +61,9 @@ class StudioSettings:
     llm: LLMConfig = field(default_factory=LLMConfig.from_env)  # server default; users may override per session
     gpu_decorator: Callable | None = None  # spaces.GPU on Hugging Face ZeroGPU, else None
     public: bool = False  # others can reach it (a Space, a share link, a non-loopback host): see session_llm
+    # Key of what the browser keeps (LLM endpoint and model, saved parameter sets); stable across restarts so the
+    # browser can still read them (None: a new random key per process, as Gradio does by default).
+    browser_secret: str | None = None
     title: str = "Open-Sora Studio"
 
     @property

@@ -115,7 +115,8 @@ def test_extend_backward(engine, clip_path):
     assert any("plays at 8 fps" in w and "faster" in w and "set fps to 8" in w for w in result.warnings)
 
 
-def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path):
+def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path, monkeypatch):
+    monkeypatch.setattr(engine, "partial_videos", True)  # as the studio runs it (the CLI writes none)
     events = []
     result = engine.run(GenerationOptions(mode="extend", prompt="a blue square moving right", segments=3,
                                           references=(clip_path,), num_frames=37, seed=5), on_event=events.append)
@@ -136,6 +137,25 @@ def test_extend_in_segments_continues_from_the_video_so_far(engine, clip_path):
                                        num_frames=37, seed=5))
     # the first segment is the one-segment extension; later ones continue from it (with their own noise)
     assert (read_video(one.video_path)[0] - new[:, :45]).abs().mean() < 0.02  # (up to H.264 re-encoding)
+
+
+def test_partial_videos_are_best_effort_and_removed_after_the_run(monkeypatch, caplog):
+    import time
+
+    from pipelines import engine as engine_module
+
+    partials = engine_module._PartialVideos()
+    frames = torch.zeros(3, 5, 16, 16)
+    path = partials.write(frames, 1, 8)
+    assert path.is_file() and read_video(path)[0].shape[1] == 5
+    monkeypatch.setattr(engine_module, "write_video", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    assert partials.write(frames, 2, 8) is None and "not written" in caplog.text  # the run goes on
+    partials.close(delay_s=0.0)
+    for _ in range(50):
+        if not path.parent.exists():
+            break
+        time.sleep(0.05)
+    assert not path.parent.exists()
 
 
 def test_stop_after_this_segment_keeps_the_finished_segments(engine, clip_path):

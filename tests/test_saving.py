@@ -189,6 +189,25 @@ def test_save_result_keeps_copies_of_the_references_beside_the_result(tmp_path):
     assert [r.media for r in list_results(out)] == [result.video_path]  # the copies are not results themselves
 
 
+def test_a_reference_that_cannot_be_copied_never_costs_the_result(tmp_path, caplog):
+    out = tmp_path / "out"
+    good = tmp_path / "good.png"
+    good.write_bytes(b"png")
+    refs = (tmp_path / "gone.png", tmp_path, good)  # deleted meanwhile, a folder, a file
+    result = save_result(clip(), out, {"prompt": "x"}, fps=24, mode="loop", seed=1, references=refs)
+    saved = json.loads(result.recipe_path.read_text())
+    assert result.video_path.exists() and saved["references_saved"] == [f"{result.video_path.stem}.ref2.png"]
+    assert "not kept beside the result" in caplog.text
+    # a reference already in the output folder (a result sent to Extend) is linked, not copied again
+    again = save_result(clip(), out, {"prompt": "x"}, fps=24, mode="extend", seed=2, references=(result.video_path,))
+    copy = out / json.loads(again.recipe_path.read_text())["references_saved"][0]
+    assert copy.stat().st_ino == result.video_path.stat().st_ino
+    odd = tmp_path / "clip.mp4;rm -rf"
+    odd.write_bytes(b"x")
+    weird = save_result(clip(), out, {"prompt": "x"}, fps=24, mode="extend", seed=3, references=(odd,))
+    assert json.loads(weird.recipe_path.read_text())["references_saved"] == [f"{weird.video_path.stem}.ref0"]
+
+
 def test_a_failed_save_removes_the_reference_copies_too(tmp_path, monkeypatch):
     image = tmp_path / "upload.png"
     image.write_bytes(b"png bytes")

@@ -380,15 +380,21 @@ def test_a_results_last_frame_goes_to_image_to_video(monkeypatch):
     from studio import layout
 
     clip = Path(__file__).resolve().parents[1] / "assets" / "examples" / "clip_65.mp4"
-    image, tabs, mode = layout.last_frame_to_i2v(str(clip), None)
+    image, tabs, mode = layout.last_frame_to_i2v(str(clip), SessionJob())
     with Image.open(image) as frame:
         assert frame.size == (64, 64) and frame.mode == "RGB"
-    assert isinstance(tabs, gr.Tabs) and mode == "i2v"
+    assert isinstance(tabs, gr.Tabs) and mode == "i2v" and Path(image).parent == layout.FRAMES_DIR
     Path(image).unlink()
-    assert layout.last_frame_to_i2v(None, "/tmp/result.png")[0] == "/tmp/result.png"  # a single-frame result
+    job = SessionJob()
+    job.record("/out/t2v_1.png")  # a single-frame result (the player shows none): the frame itself
+    assert layout.last_frame_to_i2v(None, job)[0] == "/out/t2v_1.png"
+    job.record("/out/t2v_2.mp4")  # the latest result is a video, not shown (e.g. stopped since): no frame
     warned = []
     monkeypatch.setattr(layout.gr, "Warning", warned.append)
-    assert layout.last_frame_to_i2v(None, None)[0] is not None and warned  # nothing yet: said, nothing changes
+    assert layout.last_frame_to_i2v(None, job) == (gr.skip(),) * 3 and warned  # said, nothing changes
+    with pytest.raises(gr.Error, match="cannot take a frame"):
+        layout.last_frame_to_i2v(str(Path(__file__)), job)  # not a video
+    assert not [p for p in layout.FRAMES_DIR.glob("last-frame-*.png") if p.stat().st_size == 0]
 
 
 def test_history_lists_complete_results_newest_first_and_reloads_their_settings(tmp_path):
@@ -419,7 +425,8 @@ def test_history_lists_complete_results_newest_first_and_reloads_their_settings(
     (tmp_path / "l.ref0.png").write_bytes(b"")
     looped = {**recipe, "mode": "loop", "references_saved": ["../../etc/l.ref0.png", "l.ref1.png"]}
     values = settings_from_recipe(looped, tmp_path)
-    assert values["first_image"] == str(tmp_path / "l.ref0.png") and "last_image" not in values  # (missing)
+    assert values["first_image"] == str(tmp_path / "l.ref0.png")
+    assert values["last_image"] is None  # missing: cleared, so a stale last image cannot turn it into two images
     assert "first_image" not in settings_from_recipe(looped)  # no folder given: settings only
 
 
@@ -553,6 +560,16 @@ def test_an_extensions_video_so_far_plays_in_the_result_player(monkeypatch):
     outputs = list(handlers.generate(EnginePool([Segmented(steps=2)]), "t2v", values, SessionJob(), LLMConfig()))
     shown = [out[0] for out in outputs if isinstance(out[0], str)]
     assert shown == ["/tmp/segments-1-to-1.mp4", "x.mp4"]  # the video so far, then the result
+    # a later segment fails: the unsaved video so far is taken out of the player before the error is shown
+    import gradio as gr
+
+    failing = handlers.generate(EnginePool([Segmented(steps=2, fail=RuntimeError("boom"))]), "t2v", values,
+                                SessionJob(), LLMConfig())
+    seen = []
+    with pytest.raises(gr.Error, match="boom"):
+        for out in failing:
+            seen.append(out[0])
+    assert "/tmp/segments-1-to-1.mp4" in seen and seen[-1] is None
 
 
 def test_parameter_sets_are_saved_by_name_and_loaded_back():
@@ -595,9 +612,17 @@ def test_demo_keeps_llm_settings_and_parameter_sets_in_browser_state_under_stabl
     from studio import StudioSettings, build_demo
     from studio.controls import LLM_STORAGE_KEY, SETTINGS_STORAGE_KEY
 
-    demo = build_demo(EnginePool([FakeEngine()]), StudioSettings(output_dir=tmp_path))
-    stores = [b for b in demo.blocks.values() if isinstance(b, gr.BrowserState)]
-    assert sorted(store.storage_key for store in stores) == sorted([LLM_STORAGE_KEY, SETTINGS_STORAGE_KEY])
+    from studio.settings import load_browser_secret
+
+    secret = load_browser_secret(tmp_path, environ={})
+    assert load_browser_secret(tmp_path, environ={}) == secret  # the same key after a restart ...
+    assert (tmp_path / ".browser-state-key").stat().st_mode & 0o777 == 0o600  # ... readable by the owner only
+    assert load_browser_secret(tmp_path, environ={"STUDIO_BROWSER_SECRET": "k"}) == "k"
+    for _ in range(2):  # two starts of the studio: the browser's stores stay readable
+        demo = build_demo(EnginePool([FakeEngine()]), StudioSettings(output_dir=tmp_path, browser_secret=secret))
+        stores = [b for b in demo.blocks.values() if isinstance(b, gr.BrowserState)]
+        assert sorted(store.storage_key for store in stores) == sorted([LLM_STORAGE_KEY, SETTINGS_STORAGE_KEY])
+        assert {store.secret for store in stores} == {secret}
 
 
 def test_video_to_gif_writes_a_looping_gif_beside_the_video_once(tmp_path):
