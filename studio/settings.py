@@ -19,7 +19,10 @@ def deployment_is_public(host: str | None, share: bool | None, root_path: str | 
                          environ: Mapping[str, str] = os.environ) -> bool:
     """Whether others can reach the studio: `forced` (--public), a Hugging Face Space, a share link, a URL prefix
     (served behind a reverse proxy), or a non-loopback address (the flags, else Gradio's own GRADIO_SERVER_NAME /
-    GRADIO_SHARE / GRADIO_ROOT_PATH variables)."""
+    GRADIO_SHARE / GRADIO_ROOT_PATH variables). STUDIO_PUBLIC=0 says only trusted people can reach it (e.g. a
+    container, which must listen on 0.0.0.0); --public still wins."""
+    if not forced and environ.get("STUDIO_PUBLIC", "").strip().lower() in ("0", "false", "no"):
+        return False
     host = host or environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     share = share or environ.get("GRADIO_SHARE", "").strip().lower() in ("1", "true", "yes")
     proxied = bool(root_path or environ.get("GRADIO_ROOT_PATH"))

@@ -332,6 +332,8 @@ def test_which_deployments_count_as_public():
     assert deployment_is_public("127.0.0.1", None, "/studio", environ={})  # behind a reverse proxy
     assert deployment_is_public(None, None, environ={"GRADIO_ROOT_PATH": "/studio"})
     assert deployment_is_public("127.0.0.1", False, None, forced=True, environ={})  # --public (a tunnel, say)
+    assert not deployment_is_public("0.0.0.0", None, environ={"STUDIO_PUBLIC": "0"})  # a container, trusted users
+    assert deployment_is_public("0.0.0.0", None, forced=True, environ={"STUDIO_PUBLIC": "0"})
 
 
 def test_refine_fills_the_separate_box_through_an_openai_compatible_server():
