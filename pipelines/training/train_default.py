@@ -255,17 +255,18 @@ def main(argv: list[str] | None = None) -> None:
         vae, stages["decoder"] = finetune_decoder(args.work, vae, args.minutes_decoder, args.decoder_set)
     measured = stages.get("decoder", vae_stats)
     training = {"command": "python -m pipelines.training." + " ".join(["train_default", *(argv or sys.argv[1:])]),
-                "wall_time_s": round(sum(s["wall_time_s"] or 0 for s in stages.values()), 1),
+                # (a stage reused from a VAE saved by hand may lack its own record: counted as unknown)
+                "wall_time_s": round(sum(s.get("wall_time_s") or 0 for s in stages.values()), 1),
                 "this_process_wall_time_s": round(time.time() - started, 1),
-                "steps": {k: s["steps"] for k, s in stages.items()},
-                "final_loss": {k: s["final_loss"] for k, s in stages.items()},
+                "steps": {k: s.get("steps") for k, s in stages.items()},
+                "final_loss": {k: s.get("final_loss") for k, s in stages.items()},
                 "vae_recon_psnr_db": round(measured["recon_psnr_db"], 2),
                 "vae_first_frame_psnr_db": round(measured["first_frame_psnr_db"], 2),
                 # stats a reused VAE saved before colour fidelity was measured lack it
                 "vae_object_colour_right": (round(measured["object_colour_right"], 3)
                                             if "object_colour_right" in measured else None),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    steps = ", ".join(f"{k} {s['steps']} steps" for k, s in stages.items())
+    steps = ", ".join(f"{k} {s.get('steps')} steps" for k, s in stages.items())
     notes = f"Trained on CPU (2 cores) in {training['wall_time_s'] / 60:.0f} min: {steps}; MMDiT EMA weights."
     write_preset(args.out, mmdit, vae, trained=True, notes=notes, training=training,
                  mmdit_dtype=getattr(torch, args.mmdit_dtype))
