@@ -268,12 +268,15 @@ def make_generate(pool: EnginePool, mode: str, server_llm: LLMConfig):
     """One tab's handler with named parameters (as gradio_client shows them)."""
     names = input_names(mode)
 
-    def handler(*args, progress=gr.Progress()):
+    def handler(*args, progress=None):
         values = dict(zip(names, args))
+        # Gradio passes its progress tracker positionally, after the inputs: it only injects parameters it finds
+        # among the positional ones (a keyword-only one would keep an untracked default and no bar would move).
+        progress = args[len(names)] if len(args) > len(names) else progress
         yield from generate(pool, mode, values, values["job"], server_llm, progress)
 
     params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
-    params.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress()))
+    params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
     handler.__signature__ = inspect.Signature(params)
     handler.__name__ = mode
     return handler

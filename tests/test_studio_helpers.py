@@ -597,6 +597,17 @@ def test_parameter_sets_are_saved_by_name_and_loaded_back():
         load_parameter_set(saved, "gone")
 
 
+def test_gradio_finds_the_progress_tracker_of_every_generate_handler():
+    from gradio.helpers import special_args
+
+    from studio.handlers import input_names, make_generate
+
+    for mode in ("t2v", "i2v", "loop", "extend"):
+        handler = make_generate(EnginePool([FakeEngine()]), mode, LLMConfig())
+        inputs = [None] * len(input_names(mode))
+        assert special_args(handler, inputs=inputs, request=None)[1] == len(input_names(mode))  # the bar moves
+
+
 def test_browser_remembers_the_llm_endpoint_and_model_but_never_the_key():
     from studio.controls import remember_llm, restore_llm
 
