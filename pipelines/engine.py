@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import secrets
 import shutil
 import tempfile
 import threading
@@ -24,7 +23,8 @@ from pipelines.memory import (MemoryStats, ParamStats, PeakRSSSampler, available
                               read_memory_stats, reset_peak)
 from pipelines.media import write_video
 from pipelines.memory_estimate import MemoryEstimate, estimate_memory
-from pipelines.options import MAX_SEED, GenerationOptions, ResolvedOptions, resolve_options, with_seed
+from pipelines.options import (MAX_SEED, GenerationOptions, ResolvedOptions, draw_seed, resolve_options,
+                               with_seed)
 from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_kind, refine_prompt
 from pipelines.sampling import DenoiseCounter, GenerationStopped, StepInfo
@@ -232,7 +232,7 @@ class Engine:
     def _seeded(self, options: GenerationOptions) -> ResolvedOptions:
         """Validate, and draw a seed when none was given (it is reported back and recorded)."""
         opts = self.check(options)
-        return opts if opts.seed is not None else with_seed(opts, secrets.randbelow(2**32))
+        return opts if opts.seed is not None else with_seed(opts, draw_seed())
 
     def run(self, options: GenerationOptions, on_event: EventCallback | None = None,
             should_stop: Callable[[], bool] | None = None, llm: LLMConfig | None = None,

@@ -8,6 +8,7 @@ Nothing here imports torch, so the studio can validate before queueing.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import asdict, dataclass, fields, replace
 
 from pipelines.sizes import get_image_size, round_up
@@ -250,6 +251,11 @@ def resolve_options(opts: GenerationOptions, preset) -> ResolvedOptions:
         segments=segments, segment_prompts=per_segment, refine=bool(opts.refine),
         image_first=bool(opts.image_first) and opts.mode == "t2v", name=opts.name,
         resolution=resolution, aspect_ratio=aspect_ratio)
+
+
+def draw_seed() -> int:
+    """A fresh random seed in the valid range (0 .. MAX_SEED)."""
+    return secrets.randbelow(MAX_SEED + 1)
 
 
 def with_seed(opts: ResolvedOptions, seed: int) -> ResolvedOptions:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import inspect
 import logging
-import secrets
 import tempfile
 import time
 from dataclasses import replace
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.options import MAX_SEED, GenerationOptions, OptionsError
+from pipelines.options import GenerationOptions, OptionsError, draw_seed
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_kind, refine_prompt
 from pipelines.text import has_segment_prompts, split_segment_markers
 from pipelines.units import format_seconds
@@ -223,7 +222,7 @@ def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_
     except ValueError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
     if options.seed is None:  # drawn here, not in the engine, so a stopped or failed run still shows its seed
-        options = replace(options, seed=secrets.randbelow(MAX_SEED + 1))
+        options = replace(options, seed=draw_seed())
     llm = values.get("llm") or server_llm
     fits, memory = memory_note(pool, options)
     if not fits:  # a warning, not a refusal: the estimate is approximate and the run may still fit
