@@ -6,6 +6,7 @@ named parameters; the job and LLM settings ride along in gr.State and never appe
 
 from __future__ import annotations
 
+import collections
 import html
 import inspect
 import logging
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.options import GenerationOptions, OptionsError, draw_seed
+from pipelines.options import MAX_SEED, GenerationOptions, OptionsError, draw_seed
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_kind, refine_prompt
 from pipelines.text import has_segment_prompts, split_segment_markers
 from pipelines.units import format_seconds
@@ -268,17 +269,125 @@ def make_generate(pool: EnginePool, mode: str, server_llm: LLMConfig):
     names = input_names(mode)
 
     def handler(*args, progress=None):
-        values = dict(zip(names, args))
-        # Gradio passes its progress tracker positionally, after the inputs: it only injects parameters it finds
-        # among the positional ones (a keyword-only one would keep an untracked default and no bar would move).
-        progress = args[len(names)] if len(args) > len(names) else progress
+        values, progress = _named(names, args, progress)
         yield from generate(pool, mode, values, values["job"], server_llm, progress)
 
-    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    return _signed(handler, names, mode)
+
+
+def _named(names: list[str], args: tuple, progress) -> tuple[dict, object]:
+    """A handler's arguments by name, and Gradio's progress tracker: Gradio passes it positionally, after the
+    inputs, since it only injects parameters it finds among the positional ones (a keyword-only one would keep an
+    untracked default and no bar would move)."""
+    return dict(zip(names, args)), (args[len(names)] if len(args) > len(names) else progress)
+
+
+def _signed(handler, names: list[str], name: str):
+    """Give a *args handler the named signature gradio_client shows, with the progress tracker last."""
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
     params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
     handler.__signature__ = inspect.Signature(params)
-    handler.__name__ = mode
+    handler.__name__ = name
     return handler
+
+
+# ---- batch ---------------------------------------------------------------------------------------------------------
+MAX_BATCH = 16  # prompts in one batch (a local studio's queue; public deployments do not offer batches)
+BATCH_COLUMNS = ["#", "prompt", "status", "seed", "file"]
+BATCH_NAMES = ["mode", "batch"] + [name for mode in TAB_NAMES for name in TAB_NAMES[mode]] + SHARED_NAMES + STATE_NAMES
+
+
+def batch_prompts(text: str | None) -> list[str]:
+    """The batch box's prompts: its non-blank lines, in order (a line may hold Extend's |k| segment prompts)."""
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise OptionsError("the batch is empty: write one prompt per line")
+    if len(prompts) > MAX_BATCH:
+        raise OptionsError(f"a batch holds at most {MAX_BATCH} prompts, got {len(prompts)}")
+    return prompts
+
+
+def batch_requests(pool: EnginePool, mode: str, values: dict, text: str | None) -> list[GenerationOptions]:
+    """One checked request per batch line: the tab's settings with that line as the prompt (the refined-prompt box
+    is not used). Seeds: with *randomize* each is drawn, else the seed box's seed, then the next ones."""
+    requests = []
+    for line, prompt in enumerate(batch_prompts(text), 1):
+        try:
+            options = check_request(pool, mode, {**values, "prompt": prompt, "use_refined": False})
+        except ValueError as exc:
+            raise OptionsError(f"batch line {line}: {exc}") from None
+        seed = draw_seed() if options.seed is None else (int(options.seed) + line - 1) % (MAX_SEED + 1)
+        requests.append(replace(options, seed=seed))
+    return requests
+
+
+def generate_batch(pool: EnginePool, mode: str, values: dict, text: str | None, job: SessionJob,
+                   server_llm: LLMConfig, progress=None):
+    """Run a batch one prompt after another as one job: a generator of (table, video, recipe, seed, status,
+    preview). A failed prompt is marked and the batch goes on; Stop ends the running one and cancels the rest.
+    Every finished video is saved and listed in History as usual."""
+    try:
+        requests = batch_requests(pool, mode, values, text)
+    except ValueError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    llm = values.get("llm") or server_llm
+    fits, memory = memory_note(pool, requests[0])  # same settings for every line, the prompts aside
+    if not fits:
+        gr.Warning(memory)
+    rows = [[line, options.prompt, "queued", options.seed, ""] for line, options in enumerate(requests, 1)]
+    total, started, video, recipe = len(requests), time.perf_counter(), gr.skip(), gr.skip()
+    run_id = job.start()  # one run: Stop reaches whichever prompt is running, and the queued ones see it too
+    try:
+        yield rows, gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate(message=f"Batch of {total}")), gr.skip()
+        for index, options in enumerate(requests):
+            if job.should_stop(run_id):
+                break
+            rows[index][2] = "running"
+            note = f"Batch: prompt {index + 1} of {total}"
+            options = _resolve_motion(options, llm)
+            for update, (so_far, _, _, status, preview) in _stream(pool, options, job, run_id, progress, note, llm):
+                yield rows, so_far, gr.skip(), options.seed, status, preview
+            if update.stopped:
+                rows[index][2] = "stopped"
+                break
+            if update.error is not None:
+                if not isinstance(update.error, (ValueError, OSError, MemoryError)):
+                    log.error("batch prompt %d failed", index + 1, exc_info=update.error)
+                reason = str(update.error) or type(update.error).__name__
+                rows[index][2] = f"failed: {reason[:200]}"
+                continue
+            result = update.result
+            for warning in result.warnings:
+                gr.Warning(warning)
+            path = Path(result.video_path)
+            rows[index][2], rows[index][4] = "done", path.name
+            video = str(path) if path.suffix == ".mp4" else None
+            recipe = dict(result.recipe)
+            yield rows, video, recipe, result.seed, status_html(update, note), gr.skip()
+        for row in rows:
+            if row[2] in ("queued", "running"):
+                row[2] = "cancelled"
+        counts = collections.Counter(row[2].split(":")[0] for row in rows)
+        summary = ", ".join(f"{n} {state}" for state, n in counts.items())
+        done = JobUpdate(stage="done", message=f"Batch finished in {format_seconds(time.perf_counter() - started)}: "
+                                               f"{summary}")
+        yield rows, video, recipe, gr.skip(), status_html(done), gr.skip()
+    finally:
+        job.finish(run_id)
+
+
+def make_generate_batch(pool: EnginePool, server_llm: LLMConfig):
+    """The Run batch handler with named parameters: the active tab's name, the batch box, every tab's inputs (only
+    the named tab's are used), the shared controls."""
+
+    def handler(*args, progress=None):
+        values, progress = _named(BATCH_NAMES, args, progress)
+        mode = values["mode"]
+        if mode not in TAB_NAMES:
+            raise gr.Error(f"mode must be one of {', '.join(TAB_NAMES)}, got {mode!r}", print_exception=False)
+        yield from generate_batch(pool, mode, values, values["batch"], values["job"], server_llm, progress)
+
+    return _signed(handler, BATCH_NAMES, "batch")
 
 
 # ---- stop and refine -----------------------------------------------------------------------------------------------

@@ -16,14 +16,14 @@ from pipelines.results import list_results
 from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.export import video_to_gif
-from studio.handlers import (TAB_NAMES, finish_segment, make_generate, make_precheck, make_validator,
-                             refine, stop_job, status_html)
+from studio.handlers import (BATCH_COLUMNS, BATCH_NAMES, MAX_BATCH, TAB_NAMES, finish_segment, make_generate,
+                             make_generate_batch, make_precheck, make_validator, refine, stop_job, status_html)
 from studio.history import gallery_value, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
 from studio.media_info import image_size, save_clip_frame, video_fps, video_size
 from studio.panels import build_panels, memory_markdown, param_rows, wire_estimate
 from studio.settings import StudioSettings
-from studio.tabs import build_extend, build_i2v, build_loop, build_t2v, load_examples
+from studio.tabs import TAB_LABELS, build_extend, build_i2v, build_loop, build_t2v, load_examples
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
                 prompt = prompt_parts["prompt"]
                 with gr.Tabs(selected="t2v") as tabs:
                     tab_list = [build(prompt, examples) for build in (build_t2v, build_i2v, build_loop, build_extend)]
+                batch = None if settings.public else _build_batch()
                 settings_parts, duration = build_settings_block(preset)
             with gr.Column(scale=4):
                 out = _build_outputs()
@@ -212,6 +213,8 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
                              refresh_history=refresh_history, job=job_state, llm=llm_state, mode=mode_state,
                              refine=refine_ctl)
         events = _wire_generation(pool, settings, ui)
+        if batch is not None:
+            events.append(_wire_batch(pool, settings, ui, batch))
         _wire_result_buttons(ui, events, settings)
         _wire_refine(demo, settings, ui)
         demo.load(lambda: (memory_markdown(pool), param_rows(pool)), None, [panels.memory, panels.params],
@@ -236,13 +239,7 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
                                  api_visibility="private", show_progress="hidden").then(
             handler, inputs, outputs, api_name=tab.mode, concurrency_id="gpu", concurrency_limit=len(pool),
             validator=make_validator(pool, tab.mode), show_progress="full", show_progress_on=[out["video"]])
-        # The worker records what it saved; on ZeroGPU it runs in a forked process, so record the shown result here
-        # too (recording is idempotent).
-        recorded = event.then(lambda video, job: job.record(video), [out["video"], ui.job], None, queue=False,
-                              api_visibility="private")
-        recorded.then(ui.refresh_history, ui.job, [ui.history["gallery"], ui.history["paths"]], queue=False,
-                      api_visibility="private").then(lambda: param_rows(pool), None, ui.panels.params, queue=False,
-                                                     api_visibility="private")
+        _after_run(pool, ui, event)
         events.append(event)
         tab.tab.select(lambda mode=tab.mode: mode, None, ui.mode, queue=False, api_visibility="private")
         for upload in tab.uploads:
@@ -252,6 +249,49 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
             if tab.mode == "extend":
                 upload.upload(_pick_fps, upload, shared.fps, queue=False, api_visibility="private")
     return events
+
+
+def _after_run(pool: EnginePool, ui, event) -> None:
+    """After a run: record the shown result, refresh History and the parameter panel. The worker records what it
+    saved; on ZeroGPU it runs in a forked process, so the shown result is recorded here too (idempotent)."""
+    recorded = event.then(lambda video, job: job.record(video), [ui.out["video"], ui.job], None, queue=False,
+                          api_visibility="private")
+    recorded.then(ui.refresh_history, ui.job, [ui.history["gallery"], ui.history["paths"]], queue=False,
+                  api_visibility="private").then(lambda: param_rows(pool), None, ui.panels.params, queue=False,
+                                                 api_visibility="private")
+
+
+def _build_batch() -> dict:
+    with gr.Accordion("Batch: several prompts, one after another", open=False, elem_id="batch"):
+        mode = gr.Radio([(label, mode) for mode, label in TAB_LABELS.items()], value="t2v", elem_id="batch-mode",
+                        label="With the settings and media of", info="Follows the tab you open; pick another here.")
+        text = gr.Textbox(label=f"Prompts, one per line (up to {MAX_BATCH})", lines=4, elem_id="batch-prompts",
+                          placeholder="a red circle moving to the right on a black background\n"
+                                      "a blue square sliding left over white")
+        gr.Markdown("Each line runs with that tab's settings and media. Seeds: the seed box's seed, then "
+                    "the next ones (or each drawn, with *randomize*). A failed line is marked and the batch goes "
+                    "on; **Stop** ends the running line and cancels the rest. Every video lands in History.")
+        button = gr.Button("Run batch", elem_id="run-batch")
+        table = gr.Dataframe(headers=BATCH_COLUMNS, value=None, interactive=False, wrap=True, label="Batch",
+                             elem_id="batch-table", column_widths=["6%", "50%", "18%", "12%", "14%"])
+    return {"mode": mode, "text": text, "button": button, "table": table}
+
+
+def _wire_batch(pool: EnginePool, settings: StudioSettings, ui, batch: dict):
+    """Run batch: the tab whose settings it uses, the batch box, every tab's inputs, the shared controls
+    (BATCH_NAMES). The tab choice is a visible input, so gradio_client callers name it too."""
+    shared, out = ui.shared, ui.out
+    for tab in ui.tab_list:
+        tab.tab.select(lambda mode=tab.mode: mode, None, batch["mode"], queue=False, api_visibility="private")
+    tab_inputs = [component for tab in ui.tab_list for component in tab.inputs]
+    inputs = [batch["mode"], batch["text"]] + tab_inputs + shared.inputs() + [ui.job, ui.llm]
+    assert len(inputs) == len(BATCH_NAMES), "the batch inputs must follow BATCH_NAMES"
+    event = batch["button"].click(
+        make_generate_batch(pool, settings.llm), inputs,
+        [batch["table"], out["video"], out["recipe"], shared.seed, out["status"], out["preview"]], api_name="batch",
+        concurrency_id="gpu", concurrency_limit=len(pool), show_progress="full", show_progress_on=[out["video"]])
+    _after_run(pool, ui, event)
+    return event
 
 
 def _wire_result_buttons(ui, events: list, settings: StudioSettings) -> None:

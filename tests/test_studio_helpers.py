@@ -118,6 +118,10 @@ def test_demo_wiring_named_endpoints_gpu_concurrency_and_a_private_timer(tmp_pat
     for mode in ("t2v", "i2v", "loop", "extend"):
         assert fns[mode].concurrency_id == "gpu" and fns[mode].concurrency_limit == 2
         assert fns[mode].validator is not None
+    assert fns["batch"].concurrency_id == "gpu" and fns["batch"].concurrency_limit == 2
+    stop_button = fns["stop"].targets[0][0]  # Gradio wires cancels= as a second function on the same click
+    cancelled = {i for fn in demo.fns.values() if fn.targets and fn.targets[0][0] == stop_button for i in fn.cancels}
+    assert {fns[name]._id for name in ("t2v", "i2v", "loop", "extend", "batch")} <= cancelled  # queued ones too
     timers = [b for b in demo.blocks.values() if isinstance(b, gr.Timer)]
     ticks = [fn for fn in demo.fns.values() if any(target[0] == timers[0]._id for target in fn.targets)]
     assert ticks and all(not fn.queue and fn.api_visibility == "private" for fn in ticks)
@@ -481,6 +485,8 @@ def test_a_public_studio_shows_each_visitor_only_their_own_results_and_no_unload
         assert any(unload._id == t[0] for f in demo.fns.values() for t in f.targets) is not public
         titles = [b.label for b in demo.blocks.values() if type(b).__name__ == "Accordion"]
         assert ("History: your results in this session" in titles) is public
+        # a batch queues many runs on one GPU: a local studio's tool, not offered to a public deployment's visitors
+        assert any(f.api_name == "batch" for f in demo.fns.values()) is not public
 
 
 def test_units_read_well():
@@ -698,3 +704,66 @@ def test_shipped_examples_point_at_real_files_and_valid_segment_prompts():
     for row in per_segment:
         prompts = segment_prompts(row["prompt"], row["segments"])
         assert len(set(prompts)) == row["segments"]  # each segment has its own prompt
+
+
+class PickyEngine(FakeEngine):
+    """Refuses prompts that say "refuse" at check time, and fails the run of one that says "boom"."""
+
+    def check(self, options):
+        if "refuse" in options.prompt:
+            raise OptionsError("the prompt is refused")
+        return options
+
+    def run(self, options, on_event, should_stop, llm=None, finish_segment=lambda: False):
+        if "boom" in options.prompt:
+            raise ValueError("this one failed")
+        result = super().run(options, on_event, should_stop, llm, finish_segment)
+        return SimpleNamespace(seed=options.seed, video_path=f"{options.prompt}.mp4", recipe={"seed": options.seed},
+                               warnings=[])
+
+
+def test_batch_prompts_are_the_non_blank_lines_up_to_a_limit():
+    from studio.handlers import MAX_BATCH, batch_prompts
+
+    assert batch_prompts("  a red circle \n\n\ta blue square\n") == ["a red circle", "a blue square"]
+    with pytest.raises(OptionsError, match="empty"):
+        batch_prompts(" \n  ")
+    with pytest.raises(OptionsError, match=f"at most {MAX_BATCH}"):
+        batch_prompts("\n".join(["x"] * (MAX_BATCH + 1)))
+
+
+def test_batch_requests_check_every_line_first_and_number_the_seeds():
+    from studio.handlers import batch_requests
+
+    pool = EnginePool([PickyEngine()])
+    fixed = batch_requests(pool, "t2v", {"seed": 7, "refined_prompt": "ignored", "use_refined": True}, "a\nb\nc")
+    assert [(o.prompt, o.seed) for o in fixed] == [("a", 7), ("b", 8), ("c", 9)]  # the refined box is not used
+    drawn = batch_requests(pool, "t2v", {"seed": 7, "randomize_seed": True}, "a\nb")
+    assert all(isinstance(o.seed, int) and 0 <= o.seed for o in drawn) and drawn[0].seed != drawn[1].seed
+    with pytest.raises(OptionsError, match="batch line 2: the prompt is refused"):
+        batch_requests(pool, "t2v", {"seed": 1}, "fine\nrefuse me\nfine")
+
+
+def test_a_batch_runs_line_after_line_marks_a_failure_and_goes_on():
+    from studio.handlers import generate_batch
+
+    engine, job = PickyEngine(steps=2), SessionJob()
+    outputs = list(generate_batch(EnginePool([engine]), "t2v", {"seed": 3}, "one\nboom\nthree", job, LLMConfig()))
+    table, video, recipe, seed, status, _ = outputs[-1]
+    assert [row[2] for row in table] == ["done", "failed: this one failed", "done"]
+    assert [row[3] for row in table] == [3, 4, 5] and [row[4] for row in table] == ["one.mp4", "", "three.mp4"]
+    assert video == "three.mp4" and recipe == {"seed": 5}
+    assert "Batch finished" in status and "2 done, 1 failed" in status and not job.running
+
+
+def test_stop_ends_the_running_line_of_a_batch_and_cancels_the_rest():
+    from studio.handlers import generate_batch
+
+    engine, job = PickyEngine(steps=50, delay_s=0.02), SessionJob()
+    outputs = generate_batch(EnginePool([engine]), "t2v", {"seed": 3}, "one\ntwo\nthree", job, LLMConfig())
+    while getattr(engine, "options", None) is None:  # the first line has started
+        next(outputs)
+    job.request_stop()
+    table, *_, status, _ = list(outputs)[-1]
+    assert [row[2] for row in table] == ["stopped", "cancelled", "cancelled"]
+    assert engine.options.prompt == "one" and "1 stopped, 2 cancelled" in status
