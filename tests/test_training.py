@@ -231,6 +231,37 @@ def test_dit_object_weight_weighs_the_latents_that_encode_the_object(tmp_path, m
     assert torch.isfinite(stage.loss(model, 2, torch.Generator().manual_seed(0), step=0)) and shares == [0.5]
 
 
+def test_image_steps_train_text_to_image_on_first_latent_frames(tmp_path, monkeypatch):
+    from pipelines.training import train
+    from pipelines.training.train import DiTStage
+
+    stage = DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}", "image_every=2", "long_every=4",
+                                                     "image_batch_size=5"]))
+    assert [stage.is_image_step(s) for s in range(8)] == [True, False, True, False, True, False, True, False]
+    assert [stage.is_long_step(s) for s in range(8)] == [False, False, False, True] * 2  # long steps keep theirs
+    clips = stage.pool.short
+    batch = stage.pool.sample_images(5, torch.Generator().manual_seed(0))
+    assert batch.x0.shape == (5, clips.x0.shape[1], 1, *clips.x0.shape[3:]) and batch.cond_types == ["t2v"] * 5
+    assert batch.objects.shape == (5, 1, *clips.objects.shape[2:])
+    for x0, caption in zip(batch.x0, batch.captions):  # each is a pool clip's own first latent frame and caption
+        index = next(i for i in range(len(clips)) if torch.equal(clips.x0[i, :, :1], x0))
+        assert caption in (clips.captions[index], clips.prompts[index])
+    seen = []
+
+    def timesteps(batch, image_seq_len, t_lat, *args, **kwargs):
+        seen.append((batch, t_lat))
+        return sample_timesteps(batch, image_seq_len, t_lat, *args, **kwargs)
+
+    monkeypatch.setattr(train, "sample_timesteps", timesteps)
+    model = stage.build_model()
+    assert torch.isfinite(stage.loss(model, 2, torch.Generator().manual_seed(0), step=0))
+    assert torch.isfinite(stage.loss(model, 2, torch.Generator().manual_seed(0), step=1))
+    # noise levels are shifted as for the clips the frames come from, whose first frame they teach
+    assert seen == [(5, clips.x0.shape[2]), (2, clips.x0.shape[2])]
+    with pytest.raises(ValueError, match="image_every"):
+        load_train_config("tiny-dit", ["image_every=-1"])
+
+
 def test_encoding_a_pool_reports_its_progress(tiny_vae, monkeypatch, caplog):
     from pipelines.training import latent_pool
 

@@ -140,6 +140,17 @@ class LatentPool:
             captions.append(source.prompts[index] if use_prompt else source.captions[index])
         return PoolBatch(torch.stack(x0), refs, captions, types, torch.stack(objects))
 
+    def sample_images(self, batch: int, generator: torch.Generator) -> PoolBatch:
+        """Text-to-image samples: the first latent frame of ordinary clips (the causal VAE encodes a clip's first
+        frame on its own, as it encodes an image), with their captions and no reference. A single frame is 16
+        tokens against a 33-frame clip's 144, so a step sees many more objects drawn from a prompt."""
+        index = torch.randint(len(self.short), (batch,), generator=generator).tolist()
+        use_prompt = (torch.rand(batch, generator=generator) < self.prompt_fraction).tolist()
+        captions = [self.short.prompts[i] if p else self.short.captions[i] for i, p in zip(index, use_prompt)]
+        empty = ClipReferences(**{name: None for name in _REF_FIELDS})
+        return PoolBatch(self.short.x0[index, :, :1], [empty] * batch, captions, ["t2v"] * batch,
+                         self.short.objects[index, :1])
+
     def all_captions(self) -> list[str]:
         sets = [s for s in (self.short, self.loop, self.long) if s is not None]
         return [c for s in sets for c in (*s.captions, *s.prompts)]

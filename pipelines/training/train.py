@@ -188,16 +188,28 @@ class DiTStage:
         every = self.cfg.long_every
         return bool(every) and self.pool.has_long and step % every == every - 1
 
+    def is_image_step(self, step: int) -> bool:
+        """Every `image_every`-th step that is not a long one trains text-to-image on single first frames."""
+        every = self.cfg.image_every
+        return bool(every) and not self.is_long_step(step) and step % every == 0
+
     def loss(self, model, batch_size: int, generator: torch.Generator, step: int) -> torch.Tensor:
         cfg, patch = self.cfg, self.cfg.model.get("patch_size", 2)
         long = self.is_long_step(step)
-        batch = self.pool.sample(cfg.long_batch_size if long else batch_size, long, generator)
+        image = self.is_image_step(step)
+        if image:
+            batch = self.pool.sample_images(cfg.image_batch_size, generator)
+        else:
+            batch = self.pool.sample(cfg.long_batch_size if long else batch_size, long, generator)
         x0 = batch.x0  # (B, C, T, h, w)
         b, _, t_lat, h, w = x0.shape
+        # Image steps draw noise levels as for the clips their frames come from: they teach the clip's first frame,
+        # whose layout the video sampler commits at those levels.
+        shift_frames = self.pool.short.x0.shape[2] if image else t_lat
         cond = build_condition(x0, batch.cond_types, batch.refs)  # (B, 1 + C, T, h, w)
         txt, y_vec = self.text.lookup(batch.captions)  # (B, L, C_txt), (B, D)
         txt, y_vec, _ = dropout_condition(cfg.text_dropout, txt, self.null_txt, generator, y_vec, self.null_y)
-        t = sample_timesteps(b, (h // patch) * (w // patch), t_lat, generator,
+        t = sample_timesteps(b, (h // patch) * (w // patch), shift_frames, generator,
                              uniform_share=cfg.timestep_uniform)  # (B,)
         x0_tokens = pack(x0, patch)  # (B, L, C p^2)
         x1 = torch.randn(x0_tokens.shape, generator=generator)  # CPU noise: the same batch on any device

@@ -77,6 +77,8 @@ class TrainConfig:
     batch_size: int = 8
     long_batch_size: int = 4  # dit: batch size of v2v (long clip) steps
     long_every: int = 4  # dit: every k-th step trains on long clips (0: never)
+    image_every: int = 0  # dit: every k-th step (that is not a long one) trains text-to-image on first frames (0: never)
+    image_batch_size: int = 64  # dit: batch size of those image steps (a frame is 16 tokens, a 33-frame clip 144)
     kl_weight: float = 1e-4  # vae: weight of the per-element mean KL
     mse_weight: float = 1.0  # vae: weight of the MSE term beside L1
     object_weight: float = 0.0  # extra loss weight on object pixels (vae) or on latents encoding them (dit)
@@ -99,9 +101,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
-        for name in ("batch_size", "steps", "log_every", "ckpt_every", "threads"):
+        for name in ("batch_size", "image_batch_size", "steps", "log_every", "ckpt_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.long_every < 0 or self.image_every < 0:
+            raise ValueError(f"long_every and image_every count steps (0: never), got {self.long_every} and "
+                             f"{self.image_every}")
         if self.optim.accumulation_steps < 1:
             raise ValueError(f"optim.accumulation_steps must be at least 1, got {self.optim.accumulation_steps}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
