@@ -26,7 +26,7 @@ from pipelines.memory_estimate import MemoryEstimate, estimate_memory
 from pipelines.options import (MAX_SEED, GenerationOptions, ResolvedOptions, draw_seed, resolve_options,
                                with_seed)
 from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
-from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_kind, refine_prompt
+from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_images, refine_kind, refine_prompt
 from pipelines.sampling import DenoiseCounter, GenerationStopped, StepInfo
 from pipelines.saving import SavedResult, save_result
 from pipelines.stages import (ReferencePixels, clip_references, decode_video, encode_references, encode_text,
@@ -403,9 +403,9 @@ class Engine:
         refined, motion = None, opts.motion_score
         if opts.refine:
             self._stage("refine", "Refining the prompt with the LLM", emit, stop)
-            kind = refine_kind(opts.cond_type)
+            kind = refine_kind(opts.cond_type, len(opts.references))
             outcome = refine_prompt(prompt, kind, self._run_llm,
-                                    image_path=opts.references[0] if kind.startswith("i2v") else None)
+                                    image_path=opts.references[:refine_images(kind)] or None)
             if outcome.ok:
                 prompt = refined = outcome.refined
             else:

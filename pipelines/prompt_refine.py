@@ -13,7 +13,7 @@ import logging
 import mimetypes
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,8 +29,9 @@ DEFAULT_MODEL = "gpt-4o"
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Local servers (Ollama, vLLM, llama.cpp) accept any key, but the client refuses to start without one.
 _PLACEHOLDER_KEY = "not-needed"
-REFINE_KINDS = ("t2v", "t2i", "i2v", "i2v_tail")  # i2v: the image is the first frame; i2v_tail: the last
-RefineKind = Literal["t2v", "t2i", "i2v", "i2v_tail"]
+# i2v: the image is the first frame; i2v_tail: the last; i2v_pair: two images, the first and the last frame
+REFINE_KINDS = ("t2v", "t2i", "i2v", "i2v_tail", "i2v_pair")
+RefineKind = Literal["t2v", "t2i", "i2v", "i2v_tail", "i2v_pair"]
 # The studio's motion slider runs 1..7 because the Shapes-world default is trained on scores 1 (still) to 7
 # (fastest); upstream's scale goes to 15, so answers up to 15 are still read, then capped at 7.
 MOTION_SCORE_MIN, MOTION_SCORE_MAX = 1, 7
@@ -56,15 +57,27 @@ _SYSTEM_PROMPTS: dict[str, str] = {
     "i2v_tail": "You write a caption for an image-to-video model. The attached image is the last frame: the video "
     "ends on it. Describe that scene (what is where, colours, background) and the motion that leads up to it, "
     "following the user's text. " + _STYLE_RULES,
+    "i2v_pair": "You write a caption for an image-to-video model. The first attached image is the first frame and "
+    "the second is the last frame: the video goes from one to the other. Describe the scene (what is where, "
+    "colours, background) and the motion that takes the first frame to the last, following the user's text. "
+    + _STYLE_RULES,
 }
 
 
-def refine_kind(cond_type: str) -> RefineKind:
-    """The refinement a condition type asks for: the image as first frame (i2v_head, and the loop, which starts
-    on it), as last frame (i2v_tail), or none (t2v, extension)."""
+def refine_kind(cond_type: str, images: int = 1) -> RefineKind:
+    """The refinement a condition type asks for: the image as first frame (i2v_head, and a one-image loop, which
+    starts on it), as last frame (i2v_tail), two images as first and last frame (a two-image loop), or none (t2v,
+    extension)."""
     if cond_type == "i2v_tail":
         return "i2v_tail"
+    if cond_type == "i2v_loop" and images == 2:
+        return "i2v_pair"
     return "i2v" if cond_type.startswith("i2v") else "t2v"
+
+
+def refine_images(kind: RefineKind) -> int:
+    """How many reference images a refinement kind sends to the vision model."""
+    return 2 if kind == "i2v_pair" else (1 if kind.startswith("i2v") else 0)
 
 
 _MOTION_SYSTEM_PROMPT = (
@@ -151,32 +164,36 @@ def image_to_data_url(path: str | os.PathLike, max_side: int = MAX_IMAGE_SIDE) -
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def build_refine_messages(prompt: str, kind: RefineKind, image_url: str | None = None) -> list[dict]:
-    """Return the chat messages for one refinement request (the image goes in an ``image_url`` part)."""
+def build_refine_messages(prompt: str, kind: RefineKind, image_url: str | Sequence[str] | None = None) -> list[dict]:
+    """Return the chat messages for one refinement request (each image in an ``image_url`` part, in order)."""
     user_text = f"User idea: {prompt.strip() or '(none: describe the image)'}"
     if not kind.startswith("i2v"):
         return [{"role": "system", "content": _SYSTEM_PROMPTS[kind]}, {"role": "user", "content": user_text}]
-    parts = [{"type": "text", "text": user_text}, {"type": "image_url", "image_url": {"url": image_url}}]
+    urls = [image_url] if isinstance(image_url, str) else list(image_url or ())
+    parts = [{"type": "text", "text": user_text}, *({"type": "image_url", "image_url": {"url": u}} for u in urls)]
     return [{"role": "system", "content": _SYSTEM_PROMPTS[kind]}, {"role": "user", "content": parts}]
 
 
 def refine_prompt(
-    prompt: str, kind: RefineKind, config: LLMConfig, image_path: str | os.PathLike | None = None
+    prompt: str, kind: RefineKind, config: LLMConfig,
+    image_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> RefineResult:
-    """Ask the LLM for a more descriptive prompt; ``i2v`` / ``i2v_tail`` also send the image to a vision model."""
+    """Ask the LLM for a more descriptive prompt; the i2v kinds also send the image (``i2v_pair``: a sequence of
+    the first and the last frame's images) to a vision model."""
     if kind not in REFINE_KINDS:
         raise ValueError(f"unknown refinement kind {kind!r}; valid: {', '.join(REFINE_KINDS)}")
-    with_image = kind.startswith("i2v")
-    if with_image and image_path is None:
-        raise ValueError("i2v refinement needs the reference image")
-    if not with_image and image_path is not None:
+    paths = [] if image_path is None else (
+        [image_path] if isinstance(image_path, (str, os.PathLike)) else list(image_path))
+    needed = refine_images(kind)
+    if needed and len(paths) != needed:
+        raise ValueError(f"{kind} refinement needs {'the reference image' if needed == 1 else f'{needed} images'}")
+    if not needed and paths:
         raise ValueError(f"an image is only sent for i2v refinement, not {kind}")
-    if not with_image and not prompt.strip():
+    if not needed and not prompt.strip():
         raise ValueError("the prompt is empty: write a few words to refine")
     if not config.is_configured:
         return RefineResult(prompt, prompt, ok=False, error=_not_configured_message())
-    image_url = image_to_data_url(image_path) if image_path is not None else None
-    messages = build_refine_messages(prompt, kind, image_url)
+    messages = build_refine_messages(prompt, kind, [image_to_data_url(path) for path in paths])
     try:
         answer = _chat(config, messages, max_tokens=250)
     except LLMCallError as exc:

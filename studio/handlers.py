@@ -408,12 +408,13 @@ def finish_segment(job: SessionJob) -> str:
 
 
 def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, server_llm: LLMConfig,
-           image_position: str = "head", clip=None, direction: str = "forward"):
+           image_position: str = "head", clip=None, direction: str = "forward", last_image=None):
     """Refine the prompt into the separate box; the original is left as it was.
 
-    The vision model sees the reference: the i2v image (as first or last frame), the loop's first image, or for
-    Extend the clip's frame the new footage joins (its last frame going forward, its first going backward; with
-    per-segment prompts only the first segment's prompt sees it, later ones continue generated footage)."""
+    The vision model sees the reference: the i2v image (as first or last frame), the loop's image (two images: the
+    first and the last frame), or for Extend the clip's frame the new footage joins (its last frame going forward,
+    its first going backward; with per-segment prompts only the first segment's prompt sees it, later ones
+    continue generated footage)."""
     config = llm or server_llm
     if not config.is_configured:
         raise gr.Error("No LLM endpoint is configured: open *LLM settings* or start the server with "
@@ -427,6 +428,8 @@ def refine(prompt: str, mode: str, image, first_image, llm: LLMConfig | None, se
             except OptionsError as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
             kind = refine_kind("i2v_tail" if backward else "i2v_head")
+        elif mode == "loop" and first_image and last_image:
+            picture, kind = [first_image, last_image], refine_kind("i2v_loop", images=2)
         else:
             picture = image if mode == "i2v" else (first_image if mode == "loop" else None)
             kind = (refine_kind(f"i2v_{_position(image_position)}" if mode == "i2v" else "i2v_loop") if picture

@@ -345,9 +345,10 @@ def _wire_refine(demo, settings: StudioSettings, ui) -> None:
     for box in (ctl.base_url, ctl.model, ctl.api_key):
         box.change(update_llm, [ctl.base_url, ctl.model, ctl.api_key], [ui.llm, ctl.button, ctl.status],
                    queue=False, api_visibility="private")
-    ctl.button.click(lambda p, m, i, f, llm, position, clip, direction: refine(p, m, i, f, llm, settings.llm,
-                                                                               position, clip, direction),
+    ctl.button.click(lambda p, m, i, f, llm, position, clip, direction, last: refine(
+                         p, m, i, f, llm, settings.llm, position, clip, direction, last),
                      [ui.shared.prompt, ui.mode, by_mode["i2v"].inputs[0], by_mode["loop"].inputs[0], ui.llm,
-                      by_mode["i2v"].inputs[1], by_mode["extend"].inputs[0], by_mode["extend"].inputs[1]],
+                      by_mode["i2v"].inputs[1], by_mode["extend"].inputs[0], by_mode["extend"].inputs[1],
+                      by_mode["loop"].inputs[1]],
                      [ui.shared.refined_prompt, ui.shared.use_refined], concurrency_id="llm", concurrency_limit=4,
                      api_visibility="private")

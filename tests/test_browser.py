@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -90,5 +91,34 @@ def test_generate_send_to_extend_and_open_loop_in_the_browser(tmp_path):
             page.locator("#load-saved-settings").click()
             page.wait_for_function("() => [...document.querySelectorAll('input[type=number]')]"
                                    ".some(e => e.value === '65')", timeout=30_000)
+        finally:
+            browser.close()
+
+
+def test_closing_the_tab_stops_its_running_job_and_frees_the_device(tmp_path):
+    from tests.studio_server import slow_sampling
+
+    out = tmp_path / "outputs"
+    with running_studio(out) as server, slow_sampling(server.pool), sync_api.sync_playwright() as playwright:
+        engine = next(iter(server.pool))
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1100})
+            page.goto(server.url, timeout=120_000)
+            page.locator("#prompt textarea").wait_for(timeout=120_000)
+            page.locator("#prompt textarea").fill("a long job nobody waits for")
+            steps = page.get_by_label("Steps", exact=True)
+            steps.fill("1000")  # at least 50 s at 0.05 s a step
+            steps.press("Tab")
+            page.locator("#generate-t2v").click()
+            page.wait_for_function("() => (document.querySelector('#job-status') || {}).innerText?.includes('step ')",
+                                   timeout=120_000)
+            assert server.pool.is_busy(engine)
+            page.close()  # the visitor leaves mid-run
+            deadline = time.monotonic() + 25
+            while time.monotonic() < deadline and server.pool.is_busy(engine):
+                time.sleep(0.2)
+            assert not server.pool.is_busy(engine), "the run went on for a closed tab"
+            assert not list(out.glob("*.mp4"))  # stopped, not finished
         finally:
             browser.close()

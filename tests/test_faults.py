@@ -104,6 +104,23 @@ def test_llm_success_keeps_original_beside_refined(tmp_path):
     assert SECRET not in result.recipe_path.read_text()
 
 
+def test_refining_a_two_image_loop_shows_the_llm_both_images(tmp_path):
+    from PIL import Image
+
+    images = []
+    for name, colour in (("first.png", (220, 40, 40)), ("last.png", (40, 90, 220))):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / name)
+        images.append(str(tmp_path / name))
+    with FakeLLMServer(answer="The red frame turns blue.") as server:
+        llm = LLMConfig(base_url=server.base_url, api_key=SECRET, timeout_s=2)
+        Engine(tiny_preset(), output_dir=tmp_path / "out", llm=llm, preview_every=0).run(
+            GenerationOptions(mode="loop", prompt="it turns blue", references=tuple(images), refine=True, seed=1,
+                              num_frames=9))
+        (request,) = server.requests
+    parts = request.json["messages"][1]["content"]
+    assert len([part for part in parts if part["type"] == "image_url"]) == 2
+
+
 def torch_load_calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":

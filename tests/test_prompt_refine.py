@@ -14,6 +14,7 @@ from pipelines.prompt_refine import (
     ask_motion_score,
     image_to_data_url,
     parse_motion_score,
+    refine_kind,
     refine_prompt,
 )
 from tests.fake_llm import DEFAULT_ANSWER, FakeLLMServer, fake_llm  # noqa: F401 - fixture
@@ -107,6 +108,20 @@ def test_i2v_sends_the_image_as_a_data_url(fake_llm, png_path):
     assert any(p["type"] == "text" and "moving left" in p["text"] for p in parts)
 
 
+def test_a_pair_sends_both_images_first_frame_then_last(fake_llm, png_path, tmp_path):
+    last = tmp_path / "last.png"
+    Image.new("RGB", (8, 8), (40, 180, 70)).save(last)
+    assert refine_prompt("it turns green", "i2v_pair", make_config(fake_llm), image_path=[png_path, last]).ok
+    (request,) = fake_llm.requests
+    system, user = request.json["messages"]
+    urls = [p["image_url"]["url"] for p in user["content"] if p["type"] == "image_url"]
+    assert [base64.b64decode(u.split(",", 1)[1]) for u in urls] == [png_path.read_bytes(), last.read_bytes()]
+    assert "first attached image is the first frame" in system["content"] and "last frame" in system["content"]
+    with pytest.raises(ValueError, match="needs 2 images"):
+        refine_prompt("x", "i2v_pair", make_config(fake_llm), image_path=png_path)
+    assert refine_kind("i2v_loop", images=2) == "i2v_pair" and refine_kind("i2v_loop") == "i2v"
+
+
 def test_large_images_are_downscaled_before_sending(tmp_path):
     path = tmp_path / "big.jpg"
     Image.new("RGB", (300, 200), (40, 90, 220)).save(path)
@@ -191,7 +206,7 @@ def test_key_goes_only_into_the_authorization_header(fake_llm, png_path, caplog)
 
 def test_bad_arguments_raise_value_error(png_path):
     config = LLMConfig(api_key=SECRET)
-    with pytest.raises(ValueError, match="t2v, t2i, i2v"):
+    with pytest.raises(ValueError, match="t2v, t2i, i2v, i2v_tail, i2v_pair"):
         refine_prompt(PROMPT, "v2v", config)
     with pytest.raises(ValueError, match="needs the reference image"):
         refine_prompt(PROMPT, "i2v", config)

@@ -363,6 +363,14 @@ def test_refine_tells_the_llm_whether_the_image_is_the_first_or_the_last_frame(t
         systems = [request.json["messages"][0]["content"] for request in server.requests]
     assert ["first frame" in text for text in systems] == [True, False, True]
     assert "last frame" in systems[1]
+    Image.new("RGB", (32, 32), (40, 90, 220)).save(tmp_path / "last.png")
+    with FakeLLMServer(answer="A square turns blue.") as server:  # a two-image loop: both, first frame first
+        config = LLMConfig(base_url=server.base_url, api_key="sk-test", timeout_s=5)
+        refine("it turns blue", "loop", None, image, config, LLMConfig(), last_image=str(tmp_path / "last.png"))
+        (request,) = server.requests
+    parts = request.json["messages"][1]["content"]
+    assert len([p for p in parts if p["type"] == "image_url"]) == 2
+    assert "the second is the last frame" in request.json["messages"][0]["content"]
 
 
 def test_refining_an_extension_shows_the_llm_the_frame_the_new_footage_joins():
