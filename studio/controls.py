@@ -202,6 +202,14 @@ def load_parameter_set(saved, name: str | None) -> dict:
     return {key: value for key, value in values.items() if key in PARAMETER_SET_FIELDS and value is not None}
 
 
+def delete_parameter_set(saved, name: str | None) -> dict:
+    """The browser's saved sets without `name`; raises OptionsError when no set is chosen."""
+    name = (name or "").strip()
+    if not name:
+        raise OptionsError("choose a saved set to delete first")
+    return {k: v for k, v in saved.items() if k != name} if isinstance(saved, dict) else {}
+
+
 def remember_llm(base_url: str | None, model: str | None) -> dict:
     """What the browser keeps of the LLM settings between visits: the endpoint and model, never the key."""
     return {"base_url": (base_url or "").strip(), "model": (model or "").strip()}
@@ -416,10 +424,11 @@ def _wire_parameter_sets(demo, shared: SharedControls, sets: ParameterSets, secr
         return [values.get(field, gr.skip()) for field in PARAMETER_SET_FIELDS]
 
     def on_delete(saved, name):
-        if not name:
-            gr.Warning("Choose a saved set to delete first.")
+        try:
+            sets = delete_parameter_set(saved, name)
+        except OptionsError as exc:
+            gr.Warning(str(exc).capitalize() + ".")
             return gr.skip(), gr.skip()
-        sets = {k: v for k, v in saved.items() if k != name} if isinstance(saved, dict) else {}
         return sets, gr.Dropdown(choices=names(sets), value=None)
 
     sets.save.click(on_save, [stored, sets.name, *fields_], [stored, sets.choice], queue=False,

@@ -589,7 +589,7 @@ def test_an_extensions_video_so_far_plays_in_the_result_player(monkeypatch):
 
 
 def test_parameter_sets_are_saved_by_name_and_loaded_back():
-    from studio.controls import PARAMETER_SET_FIELDS, load_parameter_set, save_parameter_set
+    from studio.controls import PARAMETER_SET_FIELDS, delete_parameter_set, load_parameter_set, save_parameter_set
 
     values = ["blurry", "256px", "16:9", 65, 12, "5", 40, 6.5, 2.0, 42, False]
     assert len(values) == len(PARAMETER_SET_FIELDS)
@@ -609,6 +609,11 @@ def test_parameter_sets_are_saved_by_name_and_loaded_back():
     assert "set 0" in save_parameter_set(full, "set 0", values)[0]  # overwriting an existing name is fine
     with pytest.raises(OptionsError, match="choose"):
         load_parameter_set(saved, "gone")
+    both, _ = save_parameter_set(saved, "fast", values)
+    assert list(delete_parameter_set(both, " slow pans ")) == ["fast"] and list(both) == ["slow pans", "fast"]
+    assert delete_parameter_set(None, "fast") == {}  # nothing saved in this browser yet
+    with pytest.raises(OptionsError, match="choose a saved set to delete"):
+        delete_parameter_set(both, "  ")
 
 
 def test_gradio_finds_the_progress_tracker_of_every_generate_handler():
