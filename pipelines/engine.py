@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -29,6 +27,7 @@ from pipelines.presets import DEFAULT_PRESET, ModelPreset, get_preset
 from pipelines.prompt_refine import LLMConfig, ask_motion_score, refine_images, refine_kind, refine_prompt
 from pipelines.sampling import DenoiseCounter, GenerationStopped, StepInfo
 from pipelines.saving import SavedResult, save_result
+from pipelines.scratch import LINGER_S, remove_later, scratch_folder
 from pipelines.stages import (ReferencePixels, clip_references, decode_video, encode_references, encode_text,
                               fit_preview_projection, guidance_options, latent_shape, load_reference_pixels,
                               preview_strip, sample, stitch_extension, video_strip)
@@ -71,9 +70,6 @@ class PartialVideoEvent:
     kind: str = "partial"
 
 
-PARTIAL_LINGER_S = 60.0
-
-
 class _PartialVideos:
     """An extension's video so far, written after each segment to a temporary folder that is removed a minute
     after the run (a viewer may still be fetching the last one). Best effort: a partial that cannot be written
@@ -84,17 +80,15 @@ class _PartialVideos:
 
     def write(self, video: torch.Tensor, done: int, fps: int) -> Path | None:
         try:
-            self.folder = self.folder or Path(tempfile.mkdtemp(prefix="opensora-partial-"))
+            self.folder = self.folder or scratch_folder("opensora-partial-")
             return write_video(video, self.folder / f"segments-1-to-{done}.mp4", fps)
         except (OSError, ValueError) as exc:
             log.warning("the video so far was not written: %s", exc)
             return None
 
-    def close(self, delay_s: float = PARTIAL_LINGER_S) -> None:
+    def close(self, delay_s: float = LINGER_S) -> None:
         if self.folder is not None:
-            timer = threading.Timer(delay_s, shutil.rmtree, args=(self.folder,), kwargs={"ignore_errors": True})
-            timer.daemon = True
-            timer.start()
+            remove_later(self.folder, delay_s)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +10,7 @@ import gradio as gr
 
 from pipelines.options import OptionsError
 from pipelines.results import list_results
+from pipelines.scratch import remove_later, scratch_folder
 from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.export import video_to_gif
@@ -78,23 +76,16 @@ def _pick_fps(path):
     return min(60, max(1, round(rate))) if rate else gr.skip()
 
 
-FRAMES_DIR = Path(tempfile.gettempdir()) / "opensora-studio-frames"  # frames handed to a tab; an hour at most
-
-
 def last_frame_to_i2v(video, job: SessionJob):
     """The result's last frame (a single-frame result: the frame itself) as the Image to video tab's image, to
-    carry a scene on from where it ended."""
+    carry a scene on from where it ended. The frame is a scratch file: Gradio keeps its own copy of what it was
+    handed, and the file goes a minute later."""
     if video:
-        FRAMES_DIR.mkdir(exist_ok=True)
-        for old in FRAMES_DIR.glob("*.png"):  # Gradio keeps its own copy of what it was handed
-            if time.time() - old.stat().st_mtime > 3600:
-                old.unlink(missing_ok=True)
-        handle, name = tempfile.mkstemp(prefix="last-frame-", suffix=".png", dir=FRAMES_DIR)
-        os.close(handle)
+        folder = scratch_folder("opensora-last-frame-")
+        remove_later(folder)
         try:
-            image = str(save_clip_frame(video, last=True, out=name))
+            image = str(save_clip_frame(video, last=True, out=folder / "last-frame.png"))
         except Exception as exc:  # an unreadable file, whatever the reason, is said, not raised
-            Path(name).unlink(missing_ok=True)
             raise gr.Error(f"cannot take a frame from the result: {exc}", print_exception=False) from None
     elif job is not None and str(job.last_result or "").endswith(".png"):
         image = job.last_result

@@ -158,6 +158,24 @@ def test_partial_videos_are_best_effort_and_removed_after_the_run(monkeypatch, c
     assert not path.parent.exists()
 
 
+def test_scratch_folders_are_private_and_go_after_their_delay(tmp_path):
+    import time
+
+    from pipelines.scratch import remove_later, scratch_folder
+
+    folder = scratch_folder("opensora-test-")
+    (folder / "frame.png").write_bytes(b"x")
+    assert folder.is_dir() and oct(folder.stat().st_mode & 0o777) == "0o700"  # mkdtemp: this user's only
+    remove_later(folder, delay_s=0.2)
+    assert folder.exists()  # not at once: a viewer may still be fetching it
+    for _ in range(50):
+        if not folder.exists():
+            break
+        time.sleep(0.05)
+    assert not folder.exists()
+    remove_later(tmp_path / "never-made", delay_s=0.0)  # a folder already gone is no error
+
+
 def test_stop_after_this_segment_keeps_the_finished_segments(engine, clip_path):
     done = []
 

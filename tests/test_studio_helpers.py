@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -393,12 +394,14 @@ def test_a_results_last_frame_goes_to_image_to_video(monkeypatch):
 
     from studio import layout
 
+    removals = []
+    monkeypatch.setattr(layout, "remove_later", removals.append)  # (a minute later, in a timer)
     clip = Path(__file__).resolve().parents[1] / "assets" / "examples" / "clip_65.mp4"
     image, tabs, mode = layout.last_frame_to_i2v(str(clip), SessionJob())
     with Image.open(image) as frame:
         assert frame.size == (64, 64) and frame.mode == "RGB"
-    assert isinstance(tabs, gr.Tabs) and mode == "i2v" and Path(image).parent == layout.FRAMES_DIR
-    Path(image).unlink()
+    assert isinstance(tabs, gr.Tabs) and mode == "i2v" and removals == [Path(image).parent]  # a scratch file
+    shutil.rmtree(Path(image).parent)
     job = SessionJob()
     job.record("/out/t2v_1.png")  # a single-frame result (the player shows none): the frame itself
     assert layout.last_frame_to_i2v(None, job)[0] == "/out/t2v_1.png"
@@ -408,7 +411,8 @@ def test_a_results_last_frame_goes_to_image_to_video(monkeypatch):
     assert layout.last_frame_to_i2v(None, job) == (gr.skip(),) * 3 and warned  # said, nothing changes
     with pytest.raises(gr.Error, match="cannot take a frame"):
         layout.last_frame_to_i2v(str(Path(__file__)), job)  # not a video
-    assert not [p for p in layout.FRAMES_DIR.glob("last-frame-*.png") if p.stat().st_size == 0]
+    assert len(removals) == 2 and not any(removals[-1].iterdir())  # nothing half-written is handed on
+    shutil.rmtree(removals[-1])
 
 
 def test_history_lists_complete_results_newest_first_and_reloads_their_settings(tmp_path):
