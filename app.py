@@ -23,10 +23,6 @@ from studio import STUDIO_CSS, EnginePool, StudioSettings, build_demo, deploymen
 from studio.settings import load_browser_secret
 
 log = logging.getLogger("app")
-# ZeroGPU time asked per generation: a request longer than the visitor's remaining daily quota is refused before
-# it starts, so the small embedded model asks for little; the 11B at 256px needs minutes (768px does not fit).
-GPU_SECONDS = {"shapes-default": 60}
-GPU_SECONDS_OFFICIAL = 300
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,19 +79,20 @@ def create_pool(args: argparse.Namespace, settings: StudioSettings) -> EnginePoo
     return EnginePool(engines)
 
 
-def gpu_decorator(preset: str):
-    """spaces.GPU on Hugging Face ZeroGPU, asking for the time this preset's generations need; None elsewhere."""
+def gpu_decorator():
+    """spaces.GPU on Hugging Face ZeroGPU (the studio gives it a duration callable per tab, studio.gpu_time);
+    None elsewhere."""
     try:
         import spaces
     except ImportError:
         return None
-    return spaces.GPU(duration=GPU_SECONDS.get(preset, GPU_SECONDS_OFFICIAL))
+    return spaces.GPU
 
 
 def create_settings(args: argparse.Namespace) -> StudioSettings:
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator(args.preset),
+    return StudioSettings(output_dir=output_dir, queue_size=args.queue_size, gpu_decorator=gpu_decorator(),
                           public=deployment_is_public(args.host, args.share, args.root_path, args.public),
                           browser_secret=load_browser_secret(output_dir))
 

@@ -14,8 +14,10 @@ from pipelines.scratch import remove_later, scratch_folder
 from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, build_prompt_block,
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.export import video_to_gif
-from studio.handlers import (BATCH_COLUMNS, BATCH_NAMES, MAX_BATCH, TAB_NAMES, finish_segment, make_generate,
-                             make_generate_batch, make_precheck, make_validator, refine, stop_job, status_html)
+from studio.gpu_time import duration_for
+from studio.handlers import (BATCH_COLUMNS, BATCH_NAMES, MAX_BATCH, TAB_NAMES, build_options, finish_segment,
+                             make_generate, make_generate_batch, make_precheck, make_validator, refine, stop_job,
+                             status_html)
 from studio.history import gallery_value, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
 from studio.media_info import image_size, save_clip_frame, video_fps, video_size
@@ -221,8 +223,8 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
     events = []
     for tab in ui.tab_list:
         handler = make_generate(pool, tab.mode, settings.llm)
-        if settings.gpu_decorator is not None:
-            handler = settings.gpu_decorator(handler)
+        if settings.gpu_decorator is not None:  # ZeroGPU: ask for the time this request needs
+            handler = settings.gpu_decorator(duration=duration_for(pool, tab.mode, handler, build_options))(handler)
         inputs = tab.inputs + shared.inputs() + [ui.job, ui.llm]
         # The pre-check writes a refusal into the status panel (image and video inputs cannot show validation
         # messages); the validator then refuses the same request before it is queued, for API callers too.

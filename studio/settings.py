@@ -62,7 +62,7 @@ class StudioSettings:
     history_limit: int = 24  # results shown in the history gallery
     memory_refresh_s: float = 2.0
     llm: LLMConfig = field(default_factory=LLMConfig.from_env)  # server default; users may override per session
-    gpu_decorator: Callable | None = None  # spaces.GPU on Hugging Face ZeroGPU, else None
+    gpu_decorator: Callable | None = None  # spaces.GPU on Hugging Face ZeroGPU (called with duration=), else None
     public: bool = False  # others can reach it (a Space, a share link, a non-loopback host): see session_llm
     # Key of what the browser keeps (LLM endpoint and model, saved parameter sets); stable across restarts so the
     # browser can still read them (None: a new random key per process, as Gradio does by default).

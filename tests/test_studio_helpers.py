@@ -784,3 +784,55 @@ def test_stop_ends_the_running_line_of_a_batch_and_cancels_the_rest():
     table, *_, status, _ = list(outputs)[-1]
     assert [row[2] for row in table] == ["stopped", "cancelled", "cancelled"]
     assert engine.options.prompt == "one" and "1 stopped, 2 cancelled" in status
+
+
+def test_zerogpu_asks_for_the_time_a_request_needs():
+    from pipelines.options import GenerationOptions
+    from pipelines.presets import get_preset
+    from studio.gpu_time import EMBEDDED_S, FALLBACK_S, duration_for, gpu_seconds
+    from studio.handlers import build_options, make_generate
+
+    official = get_preset("opensora-v2-256px")
+    resolved = SimpleNamespace(num_frames=129, height=256, width=256, num_steps=50, cond_type="t2v",
+                               image_first=False, segments=1)
+
+    def priced(**changes) -> int:
+        return gpu_seconds(official, SimpleNamespace(**{**vars(resolved), **changes}))
+
+    t2v, i2v = priced(), priced(cond_type="i2v_head")
+    assert 85 <= t2v <= 100  # 50 steps at the measured 0.78 s, set-up and decode, a 30% margin
+    assert 110 <= i2v <= 125 and priced(image_first=True) == i2v  # the reference's extra branch
+    assert priced(cond_type="v2v_head", segments=3) > 2.5 * i2v - 100  # each segment samples again
+    assert 1200 <= priced(height=768, width=768) <= 1350  # ~21 minutes: attention's quadratic share
+    assert gpu_seconds(get_preset("shapes-default"), resolved) == EMBEDDED_S
+
+    class Pool:  # checks like the engine: a bad request cannot be priced and gets the default
+        preset = official
+
+        def check(self, options: GenerationOptions):
+            if options.num_frames == 10:
+                raise OptionsError("frames must be 4k+1")
+            return SimpleNamespace(**{**vars(resolved), "num_frames": options.num_frames or 129,
+                                      "num_steps": options.num_steps or 50})
+
+    handler = make_generate(Pool(), "t2v", LLMConfig())
+    duration = duration_for(Pool(), "t2v", handler, build_options)
+    assert duration(False, "a red circle", num_frames=129, num_steps=50) == t2v  # the handler's own arguments
+    assert duration(False, "a red circle", num_frames=129, num_steps=10) < t2v
+    assert duration(False, "a red circle", num_frames=10) == FALLBACK_S
+
+
+def test_on_zerogpu_each_tab_handler_is_wrapped_with_its_own_duration(tmp_path):
+    from studio import StudioSettings, build_demo
+
+    wrapped = []
+
+    def fake_gpu(duration):  # spaces.GPU(duration=callable)(handler)
+        def wrap(handler):
+            wrapped.append((handler.__name__, duration))
+            return handler
+        return wrap
+
+    build_demo(EnginePool([FakeEngine()]), StudioSettings(output_dir=tmp_path, gpu_decorator=fake_gpu, public=True))
+    assert [name for name, _ in wrapped] == ["t2v", "i2v", "loop", "extend"]
+    assert all(isinstance(duration(), int) for _, duration in wrapped)  # (no arguments: the fallback)
