@@ -122,3 +122,24 @@ def test_closing_the_tab_stops_its_running_job_and_frees_the_device(tmp_path):
             assert not list(out.glob("*.mp4"))  # stopped, not finished
         finally:
             browser.close()
+
+
+def test_a_batch_runs_every_line_and_fills_its_table(tmp_path):
+    out = tmp_path / "outputs"
+    with running_studio(out) as server, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1100})
+            page.goto(server.url, timeout=120_000)
+            page.locator("#prompt textarea").wait_for(timeout=120_000)
+            page.get_by_role("button", name=re.compile("^Batch")).click()
+            page.locator("#batch-prompts textarea").fill("a red circle moving up\n\na blue square sliding left")
+            page.locator("#run-batch").click()
+            page.wait_for_function("() => (document.querySelector('#job-status') || {}).innerText"
+                                   "?.includes('Batch finished')", timeout=180_000)
+            table = page.locator("#batch-table").inner_text()
+            assert table.count("done") == 2 and "a blue square sliding left" in table
+            page.wait_for_function(VIDEO_PLAYABLE, timeout=60_000)  # the last line's video plays
+            assert len(list(out.glob("*.mp4"))) == 2
+        finally:
+            browser.close()
