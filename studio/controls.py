@@ -344,7 +344,7 @@ def build_settings_block(preset) -> tuple[dict, DurationControls]:
             motion = gr.Dropdown(MOTION_CHOICES, value=str(s.motion_score), label="Motion score",
                                  allow_custom_value=True,
                                  info="How much moves: 1 still … 7 very fast; 'auto' asks the LLM.")
-            steps = gr.Slider(1, MAX_STEPS, value=s.num_steps, step=1, label="Steps",
+            steps = gr.Slider(1, MAX_STEPS, value=s.num_steps, step=1, label="Steps", elem_id="num-steps",
                               info="Sampling steps: more is slower and usually cleaner.")
         with gr.Row():
             guidance = gr.Slider(0, MAX_GUIDANCE, value=s.guidance, step=0.5, label="Guidance",

@@ -294,7 +294,10 @@ def _signed(handler, names: list[str], name: str):
 # ---- batch ---------------------------------------------------------------------------------------------------------
 MAX_BATCH = 16  # prompts in one batch (a local studio's queue; public deployments do not offer batches)
 BATCH_COLUMNS = ["#", "prompt", "status", "seed", "file"]
-BATCH_NAMES = ["mode", "batch"] + [name for mode in TAB_NAMES for name in TAB_NAMES[mode]] + SHARED_NAMES + STATE_NAMES
+# The batch's lines are its prompts: the prompt box and its refinement are not among its inputs.
+BATCH_SHARED_NAMES = [name for name in SHARED_NAMES if name not in ("prompt", "refined_prompt", "use_refined")]
+BATCH_NAMES = (["mode", "batch"] + [name for mode in TAB_NAMES for name in TAB_NAMES[mode]] + BATCH_SHARED_NAMES
+               + STATE_NAMES)
 
 
 def batch_prompts(text: str | None) -> list[str]:
@@ -313,7 +316,7 @@ def batch_requests(pool: EnginePool, mode: str, values: dict, text: str | None) 
     requests = []
     for line, prompt in enumerate(batch_prompts(text), 1):
         try:
-            options = check_request(pool, mode, {**values, "prompt": prompt, "use_refined": False})
+            options = check_request(pool, mode, {**values, "prompt": prompt, "refined_prompt": "", "use_refined": False})
         except ValueError as exc:
             raise OptionsError(f"batch line {line}: {exc}") from None
         seed = draw_seed() if options.seed is None else (int(options.seed) + line - 1) % (MAX_SEED + 1)
@@ -335,7 +338,8 @@ def generate_batch(pool: EnginePool, mode: str, values: dict, text: str | None, 
     if not fits:
         gr.Warning(memory)
     rows = [[line, options.prompt, "queued", options.seed, ""] for line, options in enumerate(requests, 1)]
-    total, started, video, recipe = len(requests), time.perf_counter(), gr.skip(), gr.skip()
+    # The last yield is what an API caller gets back: it repeats the last finished line's video, recipe and seed.
+    total, started, video, recipe, seed = len(requests), time.perf_counter(), gr.skip(), gr.skip(), gr.skip()
     run_id = job.start()  # one run: Stop reaches whichever prompt is running, and the queued ones see it too
     try:
         yield rows, gr.skip(), gr.skip(), gr.skip(), status_html(JobUpdate(message=f"Batch of {total}")), gr.skip()
@@ -361,9 +365,8 @@ def generate_batch(pool: EnginePool, mode: str, values: dict, text: str | None, 
                 gr.Warning(warning)
             path = Path(result.video_path)
             rows[index][2], rows[index][4] = "done", path.name
-            video = str(path) if path.suffix == ".mp4" else None
-            recipe = dict(result.recipe)
-            yield rows, video, recipe, result.seed, status_html(update, note), gr.skip()
+            video, recipe, seed = (str(path) if path.suffix == ".mp4" else None), dict(result.recipe), result.seed
+            yield rows, video, recipe, seed, status_html(update, note), gr.skip()
         for row in rows:
             if row[2] in ("queued", "running"):
                 row[2] = "cancelled"
@@ -371,7 +374,7 @@ def generate_batch(pool: EnginePool, mode: str, values: dict, text: str | None, 
         summary = ", ".join(f"{n} {state}" for state, n in counts.items())
         done = JobUpdate(stage="done", message=f"Batch finished in {format_seconds(time.perf_counter() - started)}: "
                                                f"{summary}")
-        yield rows, video, recipe, gr.skip(), status_html(done), gr.skip()
+        yield rows, video, recipe, seed, status_html(done), gr.skip()
     finally:
         job.finish(run_id)
 

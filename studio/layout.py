@@ -15,9 +15,9 @@ from studio.controls import (LLM_STORAGE_KEY, SharedControls, aspect_for_image, 
                              build_settings_block, llm_status, remember_llm, restore_llm, session_llm, wire_settings)
 from studio.export import video_to_gif
 from studio.gpu_time import duration_for
-from studio.handlers import (BATCH_COLUMNS, BATCH_NAMES, MAX_BATCH, TAB_NAMES, build_options, finish_segment,
-                             make_generate, make_generate_batch, make_precheck, make_validator, refine, stop_job,
-                             status_html)
+from studio.handlers import (BATCH_COLUMNS, BATCH_NAMES, BATCH_SHARED_NAMES, MAX_BATCH, TAB_NAMES, build_options,
+                             finish_segment, make_generate, make_generate_batch, make_precheck, make_validator,
+                             refine, stop_job, status_html)
 from studio.history import gallery_value, read_recipe, settings_from_recipe
 from studio.jobs import EnginePool, JobUpdate, SessionJob
 from studio.media_info import image_size, save_clip_frame, video_fps, video_size
@@ -277,7 +277,8 @@ def _wire_batch(pool: EnginePool, settings: StudioSettings, ui, batch: dict):
     for tab in ui.tab_list:
         tab.tab.select(lambda mode=tab.mode: mode, None, batch["mode"], queue=False, api_visibility="private")
     tab_inputs = [component for tab in ui.tab_list for component in tab.inputs]
-    inputs = [batch["mode"], batch["text"]] + tab_inputs + shared.inputs() + [ui.job, ui.llm]
+    inputs = ([batch["mode"], batch["text"]] + tab_inputs + [getattr(shared, name) for name in BATCH_SHARED_NAMES]
+              + [ui.job, ui.llm])
     assert len(inputs) == len(BATCH_NAMES), "the batch inputs must follow BATCH_NAMES"
     event = batch["button"].click(
         make_generate_batch(pool, settings.llm), inputs,

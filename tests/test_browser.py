@@ -99,7 +99,8 @@ def test_closing_the_tab_stops_its_running_job_and_frees_the_device(tmp_path):
     from tests.studio_server import slow_sampling
 
     out = tmp_path / "outputs"
-    with running_studio(out) as server, slow_sampling(server.pool), sync_api.sync_playwright() as playwright:
+    # 100 steps at 0.5 s: the run takes almost a minute, far longer than the stop may take
+    with running_studio(out) as server, slow_sampling(server.pool, 0.5), sync_api.sync_playwright() as playwright:
         engine = next(iter(server.pool))
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
@@ -107,8 +108,8 @@ def test_closing_the_tab_stops_its_running_job_and_frees_the_device(tmp_path):
             page.goto(server.url, timeout=120_000)
             page.locator("#prompt textarea").wait_for(timeout=120_000)
             page.locator("#prompt textarea").fill("a long job nobody waits for")
-            steps = page.get_by_label("Steps", exact=True)
-            steps.fill("1000")  # at least 50 s at 0.05 s a step
+            steps = page.locator("#num-steps input[type=number]")
+            steps.fill("100")
             steps.press("Tab")
             page.locator("#generate-t2v").click()
             page.wait_for_function("() => (document.querySelector('#job-status') || {}).innerText?.includes('step ')",

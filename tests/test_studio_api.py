@@ -108,15 +108,20 @@ def test_stop_ends_a_running_job_early_and_the_next_job_succeeds(studio):
     assert decode(video)[0] == 9 and recipe["seed"] == 9
 
 
+# /batch takes every tab's inputs, and its lines are the prompts (no prompt or refined prompt of its own)
+BATCH = dict(image=None, first_image=None, last_image=None, video=None, negative_prompt="", num_steps=2,
+             randomize_seed=False)
+
+
 def test_batch_endpoint_runs_each_line_with_the_next_seed_and_refuses_a_bad_line_first(studio):
     table, video, recipe, seed, status, _ = studio.client.predict(
-        mode="t2v", batch="a red circle\n\na blue square", seed=11, **FAST, api_name="/batch")
+        mode="t2v", batch="a red circle\n\na blue square", seed=11, **BATCH, api_name="/batch")
     rows = table["data"]
     assert [row[1:4] for row in rows] == [["a red circle", "done", 11], ["a blue square", "done", 12]]
     assert all((studio.out / row[4]).with_suffix(".json").is_file() for row in rows)  # saved with their recipes
     assert recipe["seed"] == 12 == seed and decode(video)[0] == 9 and "2 done" in status
     with pytest.raises((ValidationError, AppError), match="batch line 1: .*4k\\+1"):
-        studio.client.predict(mode="t2v", batch="fine\nalso fine", num_frames=10, **FAST, api_name="/batch")
+        studio.client.predict(mode="t2v", batch="fine\nalso fine", num_frames=10, **BATCH, api_name="/batch")
 
 
 def _error_text(excinfo) -> str:

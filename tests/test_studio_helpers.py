@@ -769,7 +769,7 @@ def test_a_batch_runs_line_after_line_marks_a_failure_and_goes_on():
     table, video, recipe, seed, status, _ = outputs[-1]
     assert [row[2] for row in table] == ["done", "failed: this one failed", "done"]
     assert [row[3] for row in table] == [3, 4, 5] and [row[4] for row in table] == ["one.mp4", "", "three.mp4"]
-    assert video == "three.mp4" and recipe == {"seed": 5}
+    assert video == "three.mp4" and recipe == {"seed": 5} and seed == 5  # the last finished line's, for API callers
     assert "Batch finished" in status and "2 done, 1 failed" in status and not job.running
 
 
