@@ -208,12 +208,23 @@ def _stream(pool, options, job: SessionJob, run_id: int, progress, note: str = "
         yield update, (so_far, gr.skip(), gr.skip(), status_html(update, note), preview)
 
 
-def _raise_for(update: JobUpdate) -> None:
-    error = update.error
+def _error_message(error: BaseException) -> str:
+    """What a failed run tells the user: a bad request or a full disk in its own words; anything else (a bug) is
+    logged with its traceback and named by its type."""
     if isinstance(error, (ValueError, OSError, MemoryError)):
-        raise gr.Error(str(error) or type(error).__name__, print_exception=False)
+        return str(error) or type(error).__name__
     log.error("generation failed", exc_info=error)
-    raise gr.Error(f"Generation failed ({type(error).__name__}): {error}", print_exception=False)
+    return f"Generation failed ({type(error).__name__}): {error}"
+
+
+def _raise_for(update: JobUpdate) -> None:
+    raise gr.Error(_error_message(update.error), print_exception=False)
+
+
+def _shown(result) -> tuple[str | None, object]:
+    """(the player's video, the preview) for a saved result: an mp4 plays; a single frame (png) is the preview."""
+    path = Path(result.video_path)
+    return (str(path) if path.suffix == ".mp4" else None), (str(path) if path.suffix == ".png" else gr.skip())
 
 
 def generate(pool: EnginePool, mode: str, values: dict, job: SessionJob, server_llm: LLMConfig, progress=None):
@@ -258,10 +269,8 @@ def _finish(update: JobUpdate, started: float):
         gr.Warning(warning)
     recipe = dict(result.recipe)
     done = replace(update, message=f"Done in {format_seconds(time.perf_counter() - started)} · seed {result.seed}")
-    path = Path(result.video_path)
-    video = str(path) if path.suffix == ".mp4" else None
-    preview = str(path) if path.suffix == ".png" else gr.skip()
-    yield video, recipe, result.seed, status_html(done, f"Saved {html.escape(path.name)}"), preview
+    video, preview = _shown(result)
+    yield video, recipe, result.seed, status_html(done, f"Saved {html.escape(Path(result.video_path).name)}"), preview
 
 
 def make_generate(pool: EnginePool, mode: str, server_llm: LLMConfig):
@@ -316,7 +325,8 @@ def batch_requests(pool: EnginePool, mode: str, values: dict, text: str | None) 
     requests = []
     for line, prompt in enumerate(batch_prompts(text), 1):
         try:
-            options = check_request(pool, mode, {**values, "prompt": prompt, "refined_prompt": "", "use_refined": False})
+            options = check_request(pool, mode, {**values, "prompt": prompt, "refined_prompt": "",
+                                                 "use_refined": False})
         except ValueError as exc:
             raise OptionsError(f"batch line {line}: {exc}") from None
         seed = draw_seed() if options.seed is None else (int(options.seed) + line - 1) % (MAX_SEED + 1)
@@ -355,18 +365,14 @@ def generate_batch(pool: EnginePool, mode: str, values: dict, text: str | None, 
                 rows[index][2] = "stopped"
                 break
             if update.error is not None:
-                if not isinstance(update.error, (ValueError, OSError, MemoryError)):
-                    log.error("batch prompt %d failed", index + 1, exc_info=update.error)
-                reason = str(update.error) or type(update.error).__name__
-                rows[index][2] = f"failed: {reason[:200]}"
+                rows[index][2] = f"failed: {_error_message(update.error)[:200]}"
                 continue
             result = update.result
             for warning in result.warnings:
                 gr.Warning(warning)
-            path = Path(result.video_path)
-            rows[index][2], rows[index][4] = "done", path.name
-            video, recipe, seed = (str(path) if path.suffix == ".mp4" else None), dict(result.recipe), result.seed
-            yield rows, video, recipe, seed, status_html(update, note), gr.skip()
+            rows[index][2], rows[index][4] = "done", Path(result.video_path).name
+            (video, preview), recipe, seed = _shown(result), dict(result.recipe), result.seed
+            yield rows, video, recipe, seed, status_html(update, note), preview
         for row in rows:
             if row[2] in ("queued", "running"):
                 row[2] = "cancelled"

@@ -77,7 +77,7 @@ class TrainConfig:
     batch_size: int = 8
     long_batch_size: int = 4  # dit: batch size of v2v (long clip) steps
     long_every: int = 4  # dit: every k-th step trains on long clips (0: never)
-    image_every: int = 0  # dit: every k-th step (that is not a long one) trains text-to-image on first frames (0: never)
+    image_every: int = 0  # dit: every k-th step (not a long one) trains text-to-image on first frames (0: never)
     image_batch_size: int = 64  # dit: batch size of those image steps (a frame is 16 tokens, a 33-frame clip 144)
     kl_weight: float = 1e-4  # vae: weight of the per-element mean KL
     mse_weight: float = 1.0  # vae: weight of the MSE term beside L1
