@@ -104,16 +104,12 @@ def count_preset_params(preset: ModelPreset) -> dict[str, int]:
 
 def guidance_branches(opts: ResolvedOptions) -> int:
     """Branches the sampler batches per model call at its full guidance scales (see `needed_branches`)."""
-    has_condition = opts.cond_type != "t2v" or opts.image_first
-    return len(needed_branches(opts.guidance, opts.guidance_img, has_condition))
+    return len(needed_branches(opts.guidance, opts.guidance_img, opts.has_condition))
 
 
-def _dit_activations(preset: ModelPreset, vae: CausalVAEConfig, opts: ResolvedOptions, element: int,
+def _dit_activations(preset: ModelPreset, opts: ResolvedOptions, element: int,
                      device_type: str, branches: int) -> int:
-    latent_frames = (opts.num_frames - 1) // vae.time_compression_ratio + 1
-    step = preset.spatial_compression
-    video_tokens = latent_frames * -(-opts.height // step) * -(-opts.width // step)
-    tokens = video_tokens + TEXT_TOKENS[preset.text_encoder]
+    tokens = preset.video_tokens(opts.num_frames, opts.height, opts.width) + TEXT_TOKENS[preset.text_encoder]
     widths = DIT_ACTIVATION_WIDTHS["cuda" if device_type == "cuda" else "cpu"]
     return branches * tokens * preset.mmdit["hidden_size"] * widths * element
 
@@ -144,7 +140,7 @@ def estimate_memory(preset: ModelPreset, opts: ResolvedOptions, *, device_type: 
         "encode_text": 0,
         "encode_references": (_vae_activations(vae, reference_frames, opts.height, opts.width, element)
                               if opts.references else 0),
-        "sample": _dit_activations(preset, vae, opts, element, device_type, branches),
+        "sample": _dit_activations(preset, opts, element, device_type, branches),
         "decode": _vae_activations(vae, opts.num_frames, opts.height, opts.width, element),
     }
     stages = {}

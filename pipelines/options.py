@@ -104,6 +104,12 @@ class ResolvedOptions:
     resolution: str | None
     aspect_ratio: str | None
 
+    @property
+    def has_condition(self) -> bool:
+        """Whether sampling sees a reference (i2v, loop, extend, and t2v's image-first second step): the image
+        guidance's extra branch runs."""
+        return self.cond_type != "t2v" or self.image_first
+
     def to_dict(self) -> dict:
         return {**asdict(self), "references": list(self.references)}
 

@@ -53,6 +53,12 @@ class ModelPreset:
     def spatial_compression(self) -> int:
         return self.vae.get("spatial_compression_ratio", 8) * self.mmdit.get("patch_size", 2)
 
+    def video_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """The MMDiT's video tokens for a clip: latent frames (causal VAE) × patches per frame."""
+        latent_frames = (num_frames - 1) // self.vae.get("time_compression_ratio", 4) + 1
+        step = self.spatial_compression
+        return latent_frames * -(-height // step) * -(-width // step)
+
 
 def _official(name: str, resolution: str) -> ModelPreset:
     return ModelPreset(

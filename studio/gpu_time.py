@@ -32,12 +32,9 @@ def gpu_seconds(preset, options) -> int:
     tokens, times steps and extension segments, plus set-up and decode, with a margin."""
     if not preset.official:
         return EMBEDDED_S
-    time_ratio = preset.vae.get("time_compression_ratio", 4)
-    spatial = preset.spatial_compression
-    latent_frames = (options.num_frames - 1) // time_ratio + 1
-    tokens = latent_frames * (options.height // spatial) * (options.width // spatial)
+    tokens = preset.video_tokens(options.num_frames, options.height, options.width)
     step_s = STEP_S_PER_TOKEN * tokens + STEP_S_PER_TOKEN_SQUARED * tokens**2
-    if options.cond_type != "t2v" or options.image_first:
+    if options.has_condition:
         step_s *= REFERENCE_FACTOR
     runs = max(1, options.segments)
     decode_s = DECODE_S_PER_PIXEL * options.height * options.width * options.num_frames

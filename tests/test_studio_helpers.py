@@ -787,17 +787,20 @@ def test_stop_ends_the_running_line_of_a_batch_and_cancels_the_rest():
 
 
 def test_zerogpu_asks_for_the_time_a_request_needs():
-    from pipelines.options import GenerationOptions
+    from dataclasses import replace
+
+    from pipelines.options import GenerationOptions, resolve_options
     from pipelines.presets import get_preset
     from studio.gpu_time import EMBEDDED_S, FALLBACK_S, duration_for, gpu_seconds
     from studio.handlers import build_options, make_generate
 
     official = get_preset("opensora-v2-256px")
-    resolved = SimpleNamespace(num_frames=129, height=256, width=256, num_steps=50, cond_type="t2v",
-                               image_first=False, segments=1)
+    resolved = resolve_options(GenerationOptions(prompt="x", num_frames=129, num_steps=50, aspect_ratio="1:1"),
+                               official)
+    assert (resolved.height, resolved.width, resolved.segments) == (256, 256, 1)
 
     def priced(**changes) -> int:
-        return gpu_seconds(official, SimpleNamespace(**{**vars(resolved), **changes}))
+        return gpu_seconds(official, replace(resolved, **changes))
 
     t2v, i2v = priced(), priced(cond_type="i2v_head")
     assert 85 <= t2v <= 100  # 50 steps at the measured 0.78 s, set-up and decode, a 30% margin
@@ -812,8 +815,7 @@ def test_zerogpu_asks_for_the_time_a_request_needs():
         def check(self, options: GenerationOptions):
             if options.num_frames == 10:
                 raise OptionsError("frames must be 4k+1")
-            return SimpleNamespace(**{**vars(resolved), "num_frames": options.num_frames or 129,
-                                      "num_steps": options.num_steps or 50})
+            return replace(resolved, num_frames=options.num_frames or 129, num_steps=options.num_steps or 50)
 
     handler = make_generate(Pool(), "t2v", LLMConfig())
     duration = duration_for(Pool(), "t2v", handler, build_options)
