@@ -722,6 +722,31 @@ def test_dit_stage_warm_starts_a_wider_model_and_refuses_a_partial_factor(tmp_pa
                                                 weights])).build_model()
 
 
+def test_dit_stage_keeps_only_the_blocks_for_a_new_latent_space(tmp_path):
+    """`mmdit_fresh_io`: weights from another VAE's latent space (here patch 2 -> patch 4, which folding refuses)
+    keep every block and embedder of text, time and vector; the three latent-facing layers start as a fresh model
+    starts them (the output projection at zero, so the first prediction is zero velocity)."""
+    from pipelines.training.train import DiTStage
+
+    source = _mmdit(2, 4).state_dict()
+    safetensors.torch.save_file(source, tmp_path / "p2.safetensors")
+    args = [f"outputs={tmp_path}", "model.patch_size=4", "model.in_channels=64",
+            f"mmdit_weights={tmp_path / 'p2.safetensors'}"]
+    with pytest.raises(ValueError, match="divides"):
+        DiTStage(load_train_config("tiny-dit", args)).build_model()
+    got = DiTStage(load_train_config("tiny-dit", [*args, "mmdit_fresh_io=true"])).build_model().state_dict()
+    io = [k for k in got if k.startswith(("img_in.", "cond_in.", "final_layer.linear."))]
+    assert len(io) == 6 and got["img_in.weight"].shape == (32, 64) and got["final_layer.linear.weight"].shape == (64, 32)
+    assert not got["final_layer.linear.weight"].any() and not got["cond_in.weight"].any()
+    kept = [k for k in got if k not in io]
+    assert all(torch.equal(got[k], source[k]) for k in kept)
+    assert torch.equal(got["final_layer.adaLN_modulation.1.weight"], source["final_layer.adaLN_modulation.1.weight"])
+    # widening still applies to the kept layers
+    wide = DiTStage(load_train_config("tiny-dit", [*args, "mmdit_fresh_io=true", "model.hidden_size=64",
+                                                   "model.num_heads=4"])).build_model().state_dict()
+    assert wide["img_in.weight"].shape == (64, 64) and wide["txt_in.weight"].shape[0] == 64
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -175,13 +175,14 @@ class DiTStage:
     def build_model(self) -> MMDiT:
         """A freshly initialised MMDiT, or the weights in `mmdit_weights` to go on from (e.g. after the VAE was
         fine-tuned, its latents are close to the old ones: warm-starting beats starting from noise). Weights of a
-        coarser patch size are folded to this one (`warm_start.load_warm_start`)."""
+        coarser patch size are folded to this one, or with `mmdit_fresh_io` only the blocks are kept
+        (`warm_start.load_warm_start`)."""
         import safetensors.torch
 
         model = MMDiT(MMDiTConfig.from_dict(self.cfg.model))
         model.initialize_weights()
         if self.cfg.mmdit_weights:
-            load_warm_start(model, safetensors.torch.load_file(self.cfg.mmdit_weights))
+            load_warm_start(model, safetensors.torch.load_file(self.cfg.mmdit_weights), self.cfg.mmdit_fresh_io)
         return model
 
     def is_long_step(self, step: int) -> bool:

@@ -69,6 +69,8 @@ class TrainConfig:
     vae: dict = field(default_factory=lambda: dict(SHAPES_VAE))  # VAE config (trained in the vae stage)
     vae_weights: str | None = None  # dit stage: the trained VAE's safetensors
     mmdit_weights: str | None = None  # dit stage: start from these MMDiT weights (fresh optimizer and schedule)
+    mmdit_fresh_io: bool = False  # dit stage: mmdit_weights came from another latent space (VAE): keep the blocks,
+    # initialise the image/condition embedders and output projection afresh (`warm_start.load_warm_start`)
     text_max_length: int = 32
     condition_config: dict = field(default_factory=lambda: dict(SHAPES_CONDITIONS))
     text_dropout: float = 0.1

@@ -13,6 +13,11 @@ they are and the three layers are folded so that the new model starts where the 
 The RoPE grid is in patch units, so the model still has to learn the finer token spacing: this is a start, not
 an equivalent model.
 
+A new latent space (a VAE with another compression, say 2x instead of 4x, with the patch grown to match so a token
+still covers the same pixels) makes the three layers meaningless: `fresh_io` keeps every block, the text, time and
+vector embedders and the final modulation, and leaves the three layers (weights and biases) at the model's own
+initialisation. The token grid, and so the RoPE positions, are those the blocks were trained on.
+
 Widening (hidden size D -> k·D, head size kept, so k times the heads) *is* exact: every D-wide activation is
 carried as k copies of itself. Layer norms over a repeated vector see the same mean and variance, so a layer that
 writes D-wide features repeats its rows k times, and a layer that reads them splits each weight over the k copies
@@ -32,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _PATCH_LAYERS = {"img_in.weight": "in", "cond_in.weight": "in", "final_layer.linear.weight": "out",
                  "final_layer.linear.bias": "out"}
+_IO_LAYERS = ("img_in.", "cond_in.", "final_layer.linear.")
 
 
 def _fold(weight: torch.Tensor, old: int, new: int, direction: str) -> torch.Tensor:
@@ -120,7 +126,7 @@ def widen_mmdit_state(state: dict[str, torch.Tensor], factor: int, noise: float 
         return dict(state)
     if factor < 1:
         raise ValueError(f"can only widen an MMDiT by a whole factor >= 1, got {factor}")
-    hidden = state["img_in.weight"].shape[0]
+    hidden = state["txt_in.weight"].shape[0]
     sizes = {"d": hidden, "m": _mlp_width(state, hidden)}
     generator = torch.Generator().manual_seed(seed)
     out = {}
@@ -137,18 +143,25 @@ def widen_mmdit_state(state: dict[str, torch.Tensor], factor: int, noise: float 
     return out
 
 
-def load_warm_start(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load `state` into `model` strictly: patch-dependent layers folded when the patch sizes differ, then every
-    layer widened when the model is a whole multiple of the weights' hidden size."""
+def load_warm_start(model: nn.Module, state: dict[str, torch.Tensor], fresh_io: bool = False) -> None:
+    """Load `state` into `model` strictly: patch-dependent layers folded when the patch sizes differ (or, with
+    `fresh_io`, left at the model's initialisation), then every layer widened when the model is a whole multiple
+    of the weights' hidden size."""
     cfg = model.config
-    old = _patch_of(state, cfg.latent_channels)
-    if old != cfg.patch_size:
-        logger.info("warm start: folding patch-%d weights to patch %d", old, cfg.patch_size)
-        state = repatch_mmdit_state(state, old, cfg.patch_size)
-    width = state["img_in.weight"].shape[0]
+    width = state["txt_in.weight"].shape[0]
+    if fresh_io:
+        logger.info("warm start: keeping the blocks, fresh image/condition embedders and output projection")
+        state = {k: v for k, v in state.items() if not k.startswith(_IO_LAYERS)}
+    else:
+        old = _patch_of(state, cfg.latent_channels)
+        if old != cfg.patch_size:
+            logger.info("warm start: folding patch-%d weights to patch %d", old, cfg.patch_size)
+            state = repatch_mmdit_state(state, old, cfg.patch_size)
     if width != cfg.hidden_size:
         if cfg.hidden_size % width:
             raise ValueError(f"can only widen an MMDiT by a whole factor: hidden size {width} -> {cfg.hidden_size}")
         logger.info("warm start: widening hidden size %d to %d", width, cfg.hidden_size)
         state = widen_mmdit_state(state, cfg.hidden_size // width)
+    if fresh_io:
+        state = {**{k: v for k, v in model.state_dict().items() if k.startswith(_IO_LAYERS)}, **state}
     model.load_state_dict(state, strict=True)
