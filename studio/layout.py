@@ -205,6 +205,7 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
         ui = SimpleNamespace(tabs=tabs, tab_list=tab_list, shared=shared, out=out, panels=panels, history=history,
                              refresh_history=refresh_history, job=job_state, llm=llm_state, mode=mode_state,
                              refine=refine_ctl)
+        _wire_tab_choice(ui, batch)
         events = _wire_generation(pool, settings, ui)
         if batch is not None:
             events.append(_wire_batch(pool, settings, ui, batch))
@@ -214,6 +215,15 @@ def build_demo(pool, settings: StudioSettings | None = None) -> gr.Blocks:
                   queue=False, api_visibility="private")
     demo.queue(max_size=settings.queue_size)
     return demo
+
+
+def _wire_tab_choice(ui, batch: dict | None) -> None:
+    """Opening a tab sets the session's mode (the memory estimate and History read it) and, where the Batch panel
+    is offered, the tab whose settings a batch uses: one listener per tab for both."""
+    targets = [ui.mode] + ([batch["mode"]] if batch is not None else [])
+    for tab in ui.tab_list:  # (one output takes the value itself, several a tuple)
+        tab.tab.select(lambda mode=tab.mode: mode if len(targets) == 1 else (mode,) * len(targets), None, targets,
+                       queue=False, api_visibility="private")
 
 
 def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
@@ -234,7 +244,6 @@ def _wire_generation(pool: EnginePool, settings: StudioSettings, ui) -> list:
             validator=make_validator(pool, tab.mode), show_progress="full", show_progress_on=[out["video"]])
         _after_run(pool, ui, event)
         events.append(event)
-        tab.tab.select(lambda mode=tab.mode: mode, None, ui.mode, queue=False, api_visibility="private")
         for upload in tab.uploads:
             reader = video_size if tab.mode == "extend" else image_size
             upload.upload(_pick_aspect(pool.preset, reader), upload, shared.aspect_ratio, queue=False,
@@ -274,8 +283,6 @@ def _wire_batch(pool: EnginePool, settings: StudioSettings, ui, batch: dict):
     """Run batch: the tab whose settings it uses, the batch box, every tab's inputs, the shared controls
     (BATCH_NAMES). The tab choice is a visible input, so gradio_client callers name it too."""
     shared, out = ui.shared, ui.out
-    for tab in ui.tab_list:
-        tab.tab.select(lambda mode=tab.mode: mode, None, batch["mode"], queue=False, api_visibility="private")
     tab_inputs = [component for tab in ui.tab_list for component in tab.inputs]
     inputs = ([batch["mode"], batch["text"]] + tab_inputs + [getattr(shared, name) for name in BATCH_SHARED_NAMES]
               + [ui.job, ui.llm])

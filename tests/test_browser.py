@@ -134,6 +134,11 @@ def test_a_batch_runs_every_line_and_fills_its_table(tmp_path):
             page.goto(server.url, timeout=120_000)
             page.locator("#prompt textarea").wait_for(timeout=120_000)
             page.get_by_role("button", name=re.compile("^Batch")).click()
+            checked = "() => document.querySelector('#batch-mode input:checked')?.closest('label')?.innerText"
+            page.get_by_role("tab", name="Loop").click()  # the batch's tab choice follows the open tab
+            page.wait_for_function(f"{checked}?.includes('Loop')", timeout=30_000)
+            page.get_by_role("tab", name="Text to video").click()
+            page.wait_for_function(f"{checked}?.includes('Text to video')", timeout=30_000)
             page.locator("#batch-prompts textarea").fill("a red circle moving up\n\na blue square sliding left")
             page.locator("#run-batch").click()
             page.wait_for_function("() => (document.querySelector('#job-status') || {}).innerText"
