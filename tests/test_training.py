@@ -726,25 +726,71 @@ def test_dit_stage_keeps_only_the_blocks_for_a_new_latent_space(tmp_path):
     """`mmdit_fresh_io`: weights from another VAE's latent space (here patch 2 -> patch 4, which folding refuses)
     keep every block and embedder of text, time and vector; the three latent-facing layers start as a fresh model
     starts them (the output projection at zero, so the first prediction is zero velocity)."""
+    from pipelines.models.mmdit import MMDiT, MMDiTConfig
     from pipelines.training.train import DiTStage
+    from pipelines.training.warm_start import widen_mmdit_state
 
-    source = _mmdit(2, 4).state_dict()
+    torch.manual_seed(4)
+    base = dict(load_train_config("tiny-dit").model, hidden_size=64, num_heads=4)
+    source = MMDiT(MMDiTConfig.from_dict(dict(base, patch_size=2, in_channels=16))).state_dict()
     safetensors.torch.save_file(source, tmp_path / "p2.safetensors")
-    args = [f"outputs={tmp_path}", "model.patch_size=4", "model.in_channels=64",
-            f"mmdit_weights={tmp_path / 'p2.safetensors'}"]
+    args = [f"outputs={tmp_path}", "model.patch_size=4", "model.in_channels=64", "model.hidden_size=64",
+            "model.num_heads=4", f"mmdit_weights={tmp_path / 'p2.safetensors'}"]
     with pytest.raises(ValueError, match="divides"):
         DiTStage(load_train_config("tiny-dit", args)).build_model()
     got = DiTStage(load_train_config("tiny-dit", [*args, "mmdit_fresh_io=true"])).build_model().state_dict()
-    io = [k for k in got if k.startswith(("img_in.", "cond_in.", "final_layer.linear."))]
-    assert len(io) == 6 and got["img_in.weight"].shape == (32, 64) and got["final_layer.linear.weight"].shape == (64, 32)
+    is_io = lambda key: key.startswith(("img_in.", "cond_in.", "final_layer.linear."))  # noqa: E731
+    assert sum(map(is_io, got)) == 6 and got["img_in.weight"].shape == (64, 64)
+    assert got["final_layer.linear.weight"].shape == (64, 64)
     assert not got["final_layer.linear.weight"].any() and not got["cond_in.weight"].any()
-    kept = [k for k in got if k not in io]
-    assert all(torch.equal(got[k], source[k]) for k in kept)
+    assert all(torch.equal(got[k], source[k]) for k in got if not is_io(k))
     assert torch.equal(got["final_layer.adaLN_modulation.1.weight"], source["final_layer.adaLN_modulation.1.weight"])
     # widening still applies to the kept layers
-    wide = DiTStage(load_train_config("tiny-dit", [*args, "mmdit_fresh_io=true", "model.hidden_size=64",
-                                                   "model.num_heads=4"])).build_model().state_dict()
-    assert wide["img_in.weight"].shape == (64, 64) and wide["txt_in.weight"].shape[0] == 64
+    wide = DiTStage(load_train_config("tiny-dit", [*args, "mmdit_fresh_io=true", "model.hidden_size=128",
+                                                   "model.num_heads=8"])).build_model().state_dict()
+    saved = safetensors.torch.load_file(tmp_path / "p2.safetensors")  # (the widening's noise follows key order)
+    expected = widen_mmdit_state({k: v for k, v in saved.items() if not is_io(k)}, 2)
+    assert wide["img_in.weight"].shape == (128, 64)
+    assert all(torch.equal(wide[k], v) for k, v in expected.items())
+
+
+def test_dit_config_refuses_tokens_wider_than_the_model():
+    """A token of C·p² features embedded into fewer dimensions cannot carry its noise through the blocks: the part
+    of the velocity that is that noise is lost (a patch-8 MMDiT on 8-channel latents, 512 features into 192,
+    stalled at a flow loss of ~0.85 where patch 4 reaches ~0.15)."""
+    with pytest.raises(ValueError, match="exceeds model.hidden_size"):
+        load_train_config("tiny-dit", ["model.patch_size=4", "model.in_channels=64"])
+    assert load_train_config("tiny-dit", ["model.patch_size=4", "model.in_channels=64", "model.hidden_size=64",
+                                          "model.num_heads=4"]).model["in_channels"] == 64
+
+
+def test_a_vae_narrowed_to_fewer_latent_channels_encodes_those_channels(tmp_path):
+    """`vae_latent_keep`: with quant_conv and post_quant_conv at identity the narrowed VAE's posterior mean is the
+    kept channels of the wide one's, and its decoder reads them with the wide decoder's weights for them."""
+    from pipelines.models.vae import CausalVAE, CausalVAEConfig
+    from pipelines.training.train import VAEStage
+    from pipelines.training.warm_start import narrow_vae_state
+
+    torch.manual_seed(0)
+    tiny = load_train_config("tiny-vae").vae
+    wide = CausalVAE(CausalVAEConfig.from_dict(tiny)).eval()
+    with torch.no_grad():
+        for conv in (wide.quant_conv, wide.post_quant_conv):
+            conv.weight.copy_(torch.eye(conv.weight.shape[0]).reshape(conv.weight.shape))
+            conv.bias.zero_()
+    safetensors.torch.save_file(wide.state_dict(), tmp_path / "wide.safetensors")
+    cfg = load_train_config("tiny-vae", [f"outputs={tmp_path}", "vae.latent_channels=2", "vae_latent_keep=[3,1]",
+                                         f"vae_weights={tmp_path / 'wide.safetensors'}"])
+    narrow = VAEStage(cfg).build_model().eval()
+    x = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(narrow.encode(x), wide.encode(x)[:, [3, 1]])
+    conv_in = wide.state_dict()["decoder.conv_in.conv.weight"]
+    assert torch.equal(narrow.state_dict()["decoder.conv_in.conv.weight"], conv_in[:, [3, 1]])
+    with pytest.raises(ValueError, match="distinct indices"):
+        narrow_vae_state(wide.state_dict(), [1, 1])
+    with pytest.raises(ValueError, match="names 1 channels"):
+        load_train_config("tiny-vae", ["vae.latent_channels=2", "vae_latent_keep=[0]"])
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -39,7 +39,7 @@ from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, create_lr_
 from pipelines.training.reporting import format_duration, log_cuda_memory, log_model_params
 from pipelines.training.shapes import ShapesDataset, object_pixels
 from pipelines.training.train_config import TrainConfig, config_to_dict, load_train_config
-from pipelines.training.warm_start import load_warm_start
+from pipelines.training.warm_start import load_warm_start, narrow_vae_state
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +56,18 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def load_frozen_vae(cfg: TrainConfig) -> CausalVAE:
-    """The VAE the DiT stage encodes with, weights from `cfg.vae_weights` (frozen, eval)."""
+def load_frozen_vae(cfg: TrainConfig, keep_channels: list[int] | None = None) -> CausalVAE:
+    """The VAE the DiT stage encodes with, weights from `cfg.vae_weights` (frozen, eval); `keep_channels` narrows
+    weights with more latent channels to these (`warm_start.narrow_vae_state`)."""
     import safetensors.torch
 
     vae = CausalVAE(CausalVAEConfig.from_dict(cfg.vae))
     if cfg.vae_weights:
-        vae.load_state_dict(safetensors.torch.load_file(cfg.vae_weights), strict=True)
+        state = safetensors.torch.load_file(cfg.vae_weights)
+        if keep_channels:
+            logger.info("warm start: keeping latent channels %s of the VAE weights", keep_channels)
+            state = narrow_vae_state(state, keep_channels)
+        vae.load_state_dict(state, strict=True)
     else:
         logger.warning("no vae_weights given: the DiT trains on an untrained VAE's latents")
     return vae.requires_grad_(False).eval()
@@ -106,7 +111,7 @@ class VAEStage:
             if self.cfg.freeze_encoder:
                 raise ValueError("freeze_encoder fine-tunes a trained VAE: set vae_weights")
             return CausalVAE(CausalVAEConfig.from_dict(self.cfg.vae))
-        vae = load_frozen_vae(self.cfg).train()
+        vae = load_frozen_vae(self.cfg, self.cfg.vae_latent_keep).train()
         trainable = [vae.decoder, vae.post_quant_conv] if self.cfg.freeze_encoder else [vae]
         for module in trainable:
             module.requires_grad_(True)

@@ -69,6 +69,8 @@ class TrainConfig:
     vae: dict = field(default_factory=lambda: dict(SHAPES_VAE))  # VAE config (trained in the vae stage)
     vae_weights: str | None = None  # dit stage: the trained VAE's safetensors
     mmdit_weights: str | None = None  # dit stage: start from these MMDiT weights (fresh optimizer and schedule)
+    vae_latent_keep: list[int] = field(default_factory=list)  # vae stage: vae_weights has more latent channels
+    # than `vae.latent_channels`: start from these of them (indices; `warm_start.narrow_vae_state`)
     mmdit_fresh_io: bool = False  # dit stage: mmdit_weights came from another latent space (VAE): keep the blocks,
     # initialise the image/condition embedders and output projection afresh (`warm_start.load_warm_start`)
     text_max_length: int = 32
@@ -120,6 +122,15 @@ class TrainConfig:
         if self.object_weight < 0 or self.object_margin < 0:
             raise ValueError("object_weight and object_margin must not be negative, "
                              f"got {self.object_weight} and {self.object_margin}")
+        if self.vae_latent_keep and len(self.vae_latent_keep) != self.vae.get("latent_channels"):
+            raise ValueError(f"vae_latent_keep names {len(self.vae_latent_keep)} channels for a VAE with "
+                             f"latent_channels={self.vae.get('latent_channels')}")
+        if self.stage == "dit" and self.model.get("in_channels", 0) > self.model.get("hidden_size", 0):
+            raise ValueError(
+                f"model.in_channels={self.model.get('in_channels')} (latent channels x patch²) exceeds "
+                f"model.hidden_size={self.model.get('hidden_size')}: a token cannot carry its own noise through the "
+                "blocks, so the velocity's noise part is lost (the loss stalls high); use a smaller patch, fewer "
+                "latent channels or a wider model")
         if self.object_margin and not self.object_weight:
             raise ValueError("object_margin widens the object_weight region: set object_weight too")
 

@@ -1,4 +1,5 @@
-"""Warm-starting an MMDiT from weights trained with a coarser patch size or a narrower width.
+"""Warm-starting an MMDiT from weights trained with a coarser patch size or a narrower width (and a VAE from one
+with more latent channels: `narrow_vae_state`).
 
 Only three layers depend on the patch size: the image embedder `img_in` (C·p² -> D), the condition embedder
 `cond_in` ((1 + C)·p² -> D) and the output projection `final_layer.linear` (D -> C·p²); every block works on
@@ -165,3 +166,27 @@ def load_warm_start(model: nn.Module, state: dict[str, torch.Tensor], fresh_io: 
     if fresh_io:
         state = {**{k: v for k, v in model.state_dict().items() if k.startswith(_IO_LAYERS)}, **state}
     model.load_state_dict(state, strict=True)
+
+
+def narrow_vae_state(state: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
+    """A copy of a causal-VAE state dict with only the latent channels `keep` (indices, in that order).
+
+    Five tensors depend on the latent width C: the encoder's output conv and `quant_conv` write the posterior's 2C
+    moments (C means, then C log-variances), `post_quant_conv` and the decoder's input conv read C latents. Each is
+    sliced to the kept channels' means and log-variances (and inputs), everything else is kept. With `quant_conv`
+    and `post_quant_conv` at identity the narrowed VAE encodes exactly the kept channels of the old one; in general
+    it is a start that drops the other channels' contributions."""
+    width = state["post_quant_conv.weight"].shape[0]
+    if not keep or len(set(keep)) != len(keep) or not all(0 <= c < width for c in keep):
+        raise ValueError(f"latent channels to keep must be distinct indices below {width}, got {keep}")
+    idx = torch.tensor(keep)
+    moments = torch.cat([idx, idx + width])
+    out = dict(state)
+    out["encoder.conv_out.conv.weight"] = state["encoder.conv_out.conv.weight"][moments]
+    out["encoder.conv_out.conv.bias"] = state["encoder.conv_out.conv.bias"][moments]
+    out["quant_conv.weight"] = state["quant_conv.weight"][moments][:, moments]
+    out["quant_conv.bias"] = state["quant_conv.bias"][moments]
+    out["post_quant_conv.weight"] = state["post_quant_conv.weight"][idx][:, idx]
+    out["post_quant_conv.bias"] = state["post_quant_conv.bias"][idx]
+    out["decoder.conv_in.conv.weight"] = state["decoder.conv_in.conv.weight"][:, idx]
+    return {k: v.contiguous() for k, v in out.items()}
