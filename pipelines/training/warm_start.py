@@ -171,11 +171,11 @@ def load_warm_start(model: nn.Module, state: dict[str, torch.Tensor], fresh_io: 
 def narrow_vae_state(state: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
     """A copy of a causal-VAE state dict with only the latent channels `keep` (indices, in that order).
 
-    Four layers (seven tensors) depend on the latent width C: the encoder's output conv and `quant_conv` write the posterior's 2C
-    moments (C means, then C log-variances), `post_quant_conv` and the decoder's input conv read C latents. Each is
-    sliced to the kept channels' means and log-variances (and inputs), everything else is kept. With `quant_conv`
-    and `post_quant_conv` at identity the narrowed VAE encodes exactly the kept channels of the old one; in general
-    it is a start that drops the other channels' contributions."""
+    Four layers (seven tensors) depend on the latent width C: the encoder's output conv and `quant_conv` write the
+    posterior's 2C moments (C means, then C log-variances), `post_quant_conv` and the decoder's input conv read C
+    latents. Each is sliced to the kept channels' means and log-variances (and inputs), everything else is kept.
+    With `quant_conv` and `post_quant_conv` at identity the narrowed VAE encodes exactly the kept channels of the
+    old one; in general it is a start that drops the other channels' contributions."""
     width = state["post_quant_conv.weight"].shape[0]
     if not keep or len(set(keep)) != len(keep) or not all(0 <= c < width for c in keep):
         raise ValueError(f"latent channels to keep must be distinct indices below {width}, got {keep}")
