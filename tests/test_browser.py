@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from studio.controls import LLM_STORAGE_KEY
 from tests.studio_server import running_studio
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -70,8 +71,11 @@ def test_generate_send_to_extend_and_open_loop_in_the_browser(tmp_path):
             assert "Estimated peak" in page.locator("#memory-estimate").inner_text()
             # The browser remembers the LLM model across visits (BrowserState), never the key.
             page.get_by_role("button", name=re.compile("^LLM settings")).click()
+            stored = page.evaluate(f"() => localStorage.getItem('{LLM_STORAGE_KEY}')")
             page.locator("#llm-model textarea, #llm-model input").first.fill("llava-remembered")
-            page.wait_for_timeout(1500)  # the change event stores it
+            # the change event's round trip stores it (encrypted, so only the change of the entry is visible)
+            page.wait_for_function(f"(before) => localStorage.getItem('{LLM_STORAGE_KEY}') !== before", arg=stored,
+                                   timeout=30_000)
             page.reload()
             page.get_by_role("button", name=re.compile("^LLM settings")).click()
             model = page.locator("#llm-model textarea, #llm-model input").first
