@@ -49,6 +49,30 @@ def test_unknown_config_field_is_refused():
         build_mmdit(**dict(RELEASED_MMDIT, hiden_size=3))
 
 
+def test_data_prediction_returns_the_velocity_of_the_predicted_clean_latent():
+    """prediction="data": the same weights' last layer reads as x̂, and the forward returns (x_t - x̂) / t with t held
+    at DATA_PREDICTION_MIN_T or above; anything but velocity/data is refused."""
+    from pipelines.models.mmdit import DATA_PREDICTION_MIN_T
+    from tests.tiny_preset import TINY_MMDIT
+
+    torch.manual_seed(0)
+    velocity = build_mmdit(**TINY_MMDIT).eval()
+    data = build_mmdit(**dict(TINY_MMDIT, prediction="data")).eval()
+    data.load_state_dict(velocity.state_dict(), strict=True)  # no new weights
+    b, frames, side = 2, 2, 2
+    ids = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(side), torch.arange(side), indexing="ij"),
+                      dim=-1).reshape(1, -1, 3).expand(b, -1, -1).float()
+    inputs = dict(img=torch.randn(b, ids.shape[1], 16), img_ids=ids, txt=torch.randn(b, 5, 384),
+                  txt_ids=torch.zeros(b, 5, 3), y_vec=torch.randn(b, 384), cond=torch.randn(b, ids.shape[1], 16 + 2**2))
+    t = torch.tensor([0.6, 0.01])
+    with torch.no_grad():
+        x_hat, out = velocity(timesteps=t, **inputs), data(timesteps=t, **inputs)
+    expected = (inputs["img"] - x_hat) / torch.tensor([0.6, DATA_PREDICTION_MIN_T])[:, None, None]
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        build_mmdit(**dict(TINY_MMDIT, prediction="noise"))
+
+
 def golden_mmdit(**overrides):
     """(model with the golden weights loaded strictly, its inputs, upstream's output) of the golden MMDiT case."""
     golden = load_file(golden_file("mmdit_A.safetensors"))

@@ -757,11 +757,14 @@ def test_dit_stage_keeps_only_the_blocks_for_a_new_latent_space(tmp_path):
 def test_dit_config_refuses_tokens_wider_than_the_model():
     """A token of C·p² features embedded into fewer dimensions cannot carry its noise through the blocks: the part
     of the velocity that is that noise is lost (a patch-8 MMDiT on 8-channel latents, 512 features into 192,
-    stalled at a flow loss of ~0.85 where patch 4 reaches ~0.15)."""
+    stalled at a flow loss of ~0.85 where patch 4 reaches ~0.15) — unless the model predicts data."""
     with pytest.raises(ValueError, match="exceeds model.hidden_size"):
         load_train_config("tiny-dit", ["model.patch_size=4", "model.in_channels=64"])
     assert load_train_config("tiny-dit", ["model.patch_size=4", "model.in_channels=64", "model.hidden_size=64",
                                           "model.num_heads=4"]).model["in_channels"] == 64
+    # predicting data, the noise reaches the velocity through x_t itself
+    assert load_train_config("tiny-dit", ["model.patch_size=4", "model.in_channels=64",
+                                          "model.prediction=data"]).model["prediction"] == "data"
 
 
 def test_a_vae_narrowed_to_fewer_latent_channels_encodes_those_channels(tmp_path):

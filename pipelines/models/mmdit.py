@@ -5,6 +5,9 @@ black-forest-labs/flux. Parameter names follow the released checkpoint so `Open_
 
 Shapes: B batch, L_img packed latent tokens, L_txt text tokens, D hidden size, H heads, Dh head dim.
 Time convention (whole project): t=1 is pure noise, t=0 is data, and the model predicts v = noise - data.
+With `prediction="data"` (not upstream) the last layer predicts the clean latent x̂ instead, and the forward still
+returns the velocity (x_t - x̂) / t, so losses and samplers are unchanged. A token wider than the model cannot carry
+its own noise through the blocks; predicting data, the noise reaches the output through x_t itself.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipelines.models.config import UpstreamConfig
+
+PREDICTIONS = ("velocity", "data")
+DATA_PREDICTION_MIN_T = 0.05  # (x_t - x̂) / t divides by at least this: near t=0 an error in x̂ is not blown up 1/t
+
 
 @dataclass(frozen=True)
 class MMDiTConfig(UpstreamConfig):
@@ -41,8 +48,11 @@ class MMDiTConfig(UpstreamConfig):
     patch_size: int = 2
     use_liger_rope: bool = True  # True: rotate-half RoPE (released weights); False: Flux's interleaved pairs
     grad_ckpt_settings: tuple[int, int] | None = field(default=None)  # checkpoint the first (n_double, n_single)
+    prediction: str = "velocity"  # what the last layer predicts: "velocity" (upstream) or "data" (see module doc)
 
     def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
@@ -319,7 +329,8 @@ class MMDiT(nn.Module):
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                 y_vec: Tensor, cond: Tensor | None = None, guidance: Tensor | None = None, **_) -> Tensor:
         """img (B, L_img, C_in), img_ids (B, L_img, 3), txt (B, L_txt, C_txt), txt_ids (B, L_txt, 3),
-        timesteps (B,), y_vec (B, C_vec), cond (B, L_img, C_in + p^2) -> velocity (B, L_img, C_in)."""
+        timesteps (B,), y_vec (B, C_vec), cond (B, L_img, C_in + p^2) -> velocity (B, L_img, C_in),
+        whatever the last layer predicts."""
         x = self.img_in(img)  # (B, L_img, D)
         if self.config.cond_embed:
             # t2v passes an all-zero condition; treating None the same keeps callers honest and simple.
@@ -332,7 +343,11 @@ class MMDiT(nn.Module):
         x = torch.cat([txt, x], dim=1)  # (B, L_txt + L_img, D)
         for i, block in enumerate(self.single_blocks):
             x = self._run(block, i, 1, x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1]:], vec)  # (B, L_img, C_out)
+        out = self.final_layer(x[:, txt.shape[1]:], vec)  # (B, L_img, C_out)
+        if self.config.prediction == "data":  # x_t = (1 - t) x + t noise, so v = noise - x = (x_t - x) / t
+            t = timesteps.to(out.dtype).clamp(min=DATA_PREDICTION_MIN_T)[:, None, None]
+            out = (img - out) / t
+        return out
 
 
 def build_mmdit(**config) -> MMDiT:

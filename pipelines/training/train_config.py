@@ -125,12 +125,13 @@ class TrainConfig:
         if self.vae_latent_keep and len(self.vae_latent_keep) != self.vae.get("latent_channels"):
             raise ValueError(f"vae_latent_keep names {len(self.vae_latent_keep)} channels for a VAE with "
                              f"latent_channels={self.vae.get('latent_channels')}")
-        if self.stage == "dit" and self.model.get("in_channels", 0) > self.model.get("hidden_size", 0):
+        if (self.stage == "dit" and self.model.get("prediction", "velocity") == "velocity"
+                and self.model.get("in_channels", 0) > self.model.get("hidden_size", 0)):
             raise ValueError(
                 f"model.in_channels={self.model.get('in_channels')} (latent channels x patch²) exceeds "
                 f"model.hidden_size={self.model.get('hidden_size')}: a token cannot carry its own noise through the "
-                "blocks, so the velocity's noise part is lost (the loss stalls high); use a smaller patch, fewer "
-                "latent channels or a wider model")
+                "blocks, so the velocity's noise part is lost (the loss stalls high); use model.prediction=data, "
+                "a smaller patch, fewer latent channels or a wider model")
         if self.object_margin and not self.object_weight:
             raise ValueError("object_margin widens the object_weight region: set object_weight too")
 
