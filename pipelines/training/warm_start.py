@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 _PATCH_LAYERS = {"img_in.weight": "in", "cond_in.weight": "in", "final_layer.linear.weight": "out",
                  "final_layer.linear.bias": "out"}
-_IO_LAYERS = ("img_in.", "cond_in.", "final_layer.linear.")
+_IO_LAYERS = tuple(dict.fromkeys(key.rsplit(".", 1)[0] + "." for key in _PATCH_LAYERS))  # their prefixes, once
 
 
 def _fold(weight: torch.Tensor, old: int, new: int, direction: str) -> torch.Tensor:
