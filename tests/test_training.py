@@ -119,6 +119,24 @@ def test_timesteps_uniform_share_follows_the_sampling_schedule():
         sample_timesteps(4, 16, 9, uniform_share=1.5)
 
 
+def test_timesteps_low_share_draws_the_low_noise_levels():
+    generator = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    torch.testing.assert_close(sample_timesteps(512, 16, 9, generator(), uniform_share=0.5, low_share=0.0),
+                               sample_timesteps(512, 16, 9, generator(), uniform_share=0.5))  # off: unchanged
+    everyone = sample_timesteps(100_000, 16, 9, generator(), low_share=1.0, low_max=0.3)
+    assert everyone.min() >= 0.02 and everyone.max() <= 0.3
+    assert abs((everyone < 0.16).float().mean().item() - 0.5) < 0.01  # uniform over [0.02, 0.3]
+    plain = (sample_timesteps(100_000, 16, 9, generator()) < 0.3).float().mean().item()
+    quarter = (sample_timesteps(100_000, 16, 9, generator(), low_share=0.25, low_max=0.3) < 0.3).float().mean().item()
+    assert plain < 0.1 and abs(quarter - (0.25 + 0.75 * plain)) < 0.01
+    with pytest.raises(ValueError, match="low_share"):
+        sample_timesteps(4, 16, 9, low_share=-0.1)
+    with pytest.raises(ValueError, match="low_max"):
+        sample_timesteps(4, 16, 9, low_share=0.5, low_max=0.01)
+    with pytest.raises(ValueError, match="timestep_low_max"):
+        load_train_config("tiny-dit", ["timestep_low=0.2", "timestep_low_max=1.5"])
+
+
 def test_flow_interpolation_and_target_follow_the_formula():
     x0, x1 = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
     sigma = 1e-5
@@ -622,6 +640,45 @@ def test_vae_stage_adds_the_edge_loss_when_asked(monkeypatch):
     model = plain.build_model()
     losses = [stage.loss(model, 2, torch.Generator().manual_seed(3), 0) for stage in (plain, edged)]
     assert float((losses[1] - losses[0]).detach()) == pytest.approx(2 * 0.25)  # same clips and model: only edge_weight * edge
+
+
+def test_dit_stage_adds_an_edge_loss_on_the_unpacked_velocity(tmp_path, monkeypatch):
+    from pipelines.sampling import pack, unpack
+    from pipelines.training import train
+    from pipelines.training.train import DiTStage
+
+    stage = DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}", "object_weight=3", "edge_weight=2"]))
+    model, patch = stage.build_model(), stage.cfg.model["patch_size"]
+    x0 = stage.pool.short.x0[:2]  # (B, C, T, h, w)
+    objects = stage.pool.short.objects[:2]  # (B, T, h, w)
+    pred, target = pack(torch.randn_like(x0), patch), pack(x0, patch)
+    frame_mask = torch.zeros(2, x0.shape[2], dtype=torch.bool)
+    frame_mask[0, 0] = True  # sample 0's first frame is given
+    seen = []
+
+    def spy(recon, x, weight):
+        seen.append((recon, x, weight))
+        return torch.tensor(0.25)
+
+    monkeypatch.setattr(train, "edge_loss", spy)
+    assert float(stage.edge_term(pred, target, objects, frame_mask, x0.shape)) == 0.25
+    recon, x, weight = seen[-1]
+    torch.testing.assert_close(recon, unpack(pred, *x0.shape[2:], patch))
+    torch.testing.assert_close(x, x0)
+    assert weight.shape == (2, 1, *x0.shape[2:])
+    assert (weight[0, :, 0] == 0).all() and set(weight[1, :, 0].unique().tolist()) == {1.0, 4.0}
+    torch.testing.assert_close(weight[:, 0, 1:], 1 + 3 * objects[:, 1:].float())
+    stage.cfg.exclude_conditioned_loss = False
+    stage.edge_term(pred, target, objects, frame_mask, x0.shape)
+    assert (seen[-1][2][0, :, 0] > 0).all()  # conditioned frames count when the loss keeps them
+    stage.cfg.exclude_conditioned_loss = True
+    edged = stage.loss(model, 2, torch.Generator().manual_seed(5), step=0)
+    stage.cfg.edge_weight = 0.0
+    plain = stage.loss(model, 2, torch.Generator().manual_seed(5), step=0)  # the same batch, noise and t
+    assert float((edged - plain).detach()) == pytest.approx(2 * 0.25)
+    monkeypatch.undo()
+    assert float(stage.edge_term(target, target, objects, frame_mask, x0.shape)) == 0.0
+    assert float(stage.edge_term(pred, target, objects, frame_mask, x0.shape)) > 0.0
 
 
 def _mmdit(patch: int, seed: int):

@@ -78,6 +78,8 @@ class TrainConfig:
     text_dropout: float = 0.1
     exclude_conditioned_loss: bool = True
     timestep_uniform: float = 0.0  # dit: share of t drawn like the sampler's steps (shifted uniform), not logit-normal
+    timestep_low: float = 0.0  # dit: share of t drawn uniformly from [0.02, timestep_low_max] (low noise)
+    timestep_low_max: float = 0.4
     batch_size: int = 8
     long_batch_size: int = 4  # dit: batch size of v2v (long clip) steps
     long_every: int = 4  # dit: every k-th step trains on long clips (0: never)
@@ -87,7 +89,8 @@ class TrainConfig:
     mse_weight: float = 1.0  # vae: weight of the MSE term beside L1
     object_weight: float = 0.0  # extra loss weight on object pixels (vae) or on latents encoding them (dit)
     object_margin: int = 0  # the extra weight also covers background pixels this close to the object
-    edge_weight: float = 0.0  # vae: weight of an L1 loss on the error's spatial gradients (keeps outlines sharp)
+    edge_weight: float = 0.0  # weight of an L1 loss on the error's spatial gradients, keeping outlines sharp: on
+    # decoded pixels (vae), on the predicted velocity's latents (dit; object latents weighted as in the MSE)
     sample_posterior: bool = False  # vae: decode a posterior sample (True) or its mean (faster to learn)
     freeze_encoder: bool = False  # vae: fine-tune only the decoder (latents, and so a trained DiT, stay valid)
     steps: int = 100
@@ -115,8 +118,11 @@ class TrainConfig:
             raise ValueError(f"optim.accumulation_steps must be at least 1, got {self.optim.accumulation_steps}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
-        if not 0.0 <= self.timestep_uniform <= 1.0:
-            raise ValueError(f"timestep_uniform must lie in [0, 1], got {self.timestep_uniform}")
+        for name in ("timestep_uniform", "timestep_low"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0.02 < self.timestep_low_max <= 1.0:
+            raise ValueError(f"timestep_low_max must lie in (0.02, 1], got {self.timestep_low_max}")
         if self.edge_weight < 0:
             raise ValueError(f"edge_weight must not be negative, got {self.edge_weight}")
         if self.object_weight < 0 or self.object_margin < 0:
