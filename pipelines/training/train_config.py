@@ -12,6 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from pipelines.models.mmdit import MMDiTConfig
+from pipelines.training.losses import LOW_T_MIN
+
 STAGES = ("vae", "dit")
 
 # The embedded default's architecture (see `train_default`); tiny variants keep tests fast.
@@ -78,7 +81,7 @@ class TrainConfig:
     text_dropout: float = 0.1
     exclude_conditioned_loss: bool = True
     timestep_uniform: float = 0.0  # dit: share of t drawn like the sampler's steps (shifted uniform), not logit-normal
-    timestep_low: float = 0.0  # dit: share of t drawn uniformly from [0.02, timestep_low_max] (low noise)
+    timestep_low: float = 0.0  # dit: share of t drawn uniformly from [LOW_T_MIN, timestep_low_max] (low noise)
     timestep_low_max: float = 0.4
     batch_size: int = 8
     long_batch_size: int = 4  # dit: batch size of v2v (long clip) steps
@@ -121,8 +124,8 @@ class TrainConfig:
         for name in ("timestep_uniform", "timestep_low"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if not 0.02 < self.timestep_low_max <= 1.0:
-            raise ValueError(f"timestep_low_max must lie in (0.02, 1], got {self.timestep_low_max}")
+        if not LOW_T_MIN < self.timestep_low_max <= 1.0:
+            raise ValueError(f"timestep_low_max must lie in ({LOW_T_MIN}, 1], got {self.timestep_low_max}")
         if self.edge_weight < 0:
             raise ValueError(f"edge_weight must not be negative, got {self.edge_weight}")
         if self.object_weight < 0 or self.object_margin < 0:
@@ -131,7 +134,7 @@ class TrainConfig:
         if self.vae_latent_keep and len(self.vae_latent_keep) != self.vae.get("latent_channels"):
             raise ValueError(f"vae_latent_keep names {len(self.vae_latent_keep)} channels for a VAE with "
                              f"latent_channels={self.vae.get('latent_channels')}")
-        if (self.stage == "dit" and self.model.get("prediction", "velocity") == "velocity"
+        if (self.stage == "dit" and self.model.get("prediction", MMDiTConfig.prediction) == "velocity"
                 and self.model.get("in_channels", 0) > self.model.get("hidden_size", 0)):
             raise ValueError(
                 f"model.in_channels={self.model.get('in_channels')} (latent channels x patch²) exceeds "
