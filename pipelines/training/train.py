@@ -240,7 +240,7 @@ class DiTStage:
         Object latents weigh 1 + `object_weight`; conditioned frames none when they are left out of the loss."""
         _, _, t_lat, h, w = shape
         patch = self.cfg.model.get("patch_size", 2)
-        weight = 1.0 + self.cfg.object_weight * objects.float()  # (B, T, h, w)
+        weight = self.object_weight_map(objects)  # (B, T, h, w)
         if self.cfg.exclude_conditioned_loss:
             weight = weight * frame_mask.logical_not().float()[:, :, None, None]
         return edge_loss(unpack(pred, t_lat, h, w, patch), unpack(target, t_lat, h, w, patch),
@@ -252,8 +252,12 @@ class DiTStage:
         what the prompt asks for, while the flat background is learned early."""
         if not self.cfg.object_weight:
             return None
-        weight = 1.0 + self.cfg.object_weight * objects.float()  # (B, T, h, w)
+        weight = self.object_weight_map(objects)  # (B, T, h, w)
         return pack(weight[:, None].expand(-1, channels, -1, -1, -1), patch)
+
+    def object_weight_map(self, objects: torch.Tensor) -> torch.Tensor:
+        """(B, T, h, w) bool object map on the latent grid -> 1 + `object_weight` on the object, 1 elsewhere."""
+        return 1.0 + self.cfg.object_weight * objects.float()
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
