@@ -11,7 +11,7 @@ import torch
 
 from pipelines.training.shapes import (
     BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, ShapesDataset, ShapesError, ShapeSpec, caption_for, centre_path,
-    render_clip, sample_eval_prompts, sample_spec,
+    render_clip, sample_eval_prompts, sample_spec, twin_shape,
 )
 
 SHAPE_WORDS = {"circle": {"circle", "ball", "disc"}, "square": {"square", "box", "block"},
@@ -172,6 +172,36 @@ def test_dataset_item_layout_and_loop_fraction():
     assert batch["video"].shape == (2, 3, 17, 64, 64) and len(batch["caption"]) == 2
     with pytest.raises(IndexError):
         dataset[8]
+
+
+def test_shape_twins_change_only_the_shape_and_cover_every_pair():
+    plain, twins = ShapesDataset(12, num_frames=9, seed=3), ShapesDataset(12, num_frames=9, seed=3, twin=True)
+    pairs = set()
+    for i in range(12):
+        a, b = plain[i], twins[i]
+        assert b["shape"] == twin_shape(a["shape"], i) != a["shape"]
+        assert all(a[k] == b[k] for k in ("color", "background", "direction", "motion_score", "size", "x0", "y0"))
+        assert SHAPE_WORDS[b["shape"]] & _words(b["raw_caption"]) and not SHAPE_WORDS[a["shape"]] & _words(
+            b["raw_caption"])
+        mass_a, mass_b = _object_mass(_uint8(a["video"]), a["background"]), _object_mass(_uint8(b["video"]),
+                                                                                          b["background"])
+        box_a, box_b = _box(_uint8(a["video"])[0], a["background"]), _box(_uint8(b["video"])[0], b["background"])
+        assert not np.allclose(mass_a, mass_b) and np.abs(box_a - box_b).max() <= 1  # same place, other shape
+        pairs.add((a["shape"], b["shape"]))
+    assert {(s, twin_shape(s, i)) for s in SHAPES for i in range(2)} == {(s, o) for s in SHAPES for o in SHAPES
+                                                                          if s != o}
+    assert len(pairs) >= 4
+
+
+def _box(frame: np.ndarray, background: str) -> np.ndarray:
+    """(x_min, y_min, x_max, y_max) of the pixels that differ from the background."""
+    ys, xs = np.nonzero(np.abs(frame.astype(np.int64) - np.asarray(BACKGROUNDS[background])).sum(axis=-1))
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+
+
+def _uint8(video: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    return ((video.permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
 def test_eval_prompts_are_balanced_and_reproducible():

@@ -19,8 +19,8 @@ from pipelines.models.vae import CausalVAE, CausalVAEConfig
 from pipelines.sampling import get_schedule, shift_alpha_for, time_shift
 from pipelines.training.conditions import (allowed_condition_types, build_condition, conditioned_frame_mask,
                                            draw_condition_types, encode_references, prepare_visual_condition_causal)
-from pipelines.training.losses import (dropout_condition, flow_interpolate, flow_target, get_batch_loss,
-                                       sample_timesteps)
+from pipelines.training.losses import (dropout_condition, flow_interpolate, flow_noise_for, flow_target,
+                                       get_batch_loss, sample_timesteps)
 from pipelines.training.train_config import TINY_VAE, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +148,17 @@ def test_flow_interpolation_and_target_follow_the_formula():
     h = 1e-3  # the target is the time derivative of the path
     slope = (flow_interpolate(x0, x1, t + h, sigma) - flow_interpolate(x0, x1, t, sigma)) / h
     torch.testing.assert_close(slope, flow_target(x0, x1, sigma), atol=1e-3, rtol=1e-3)
+
+
+def test_flow_noise_for_puts_another_clean_latent_on_the_same_path_point():
+    x0, other, x1 = torch.randn(3, 5, 4), torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    t = torch.tensor([0.2, 0.6, 0.95])
+    x_t = flow_interpolate(x0, x1, t)
+    noise = flow_noise_for(x_t, other, t)
+    torch.testing.assert_close(flow_interpolate(other, noise, t), x_t)  # the path through x_t that ends at `other`
+    torch.testing.assert_close(flow_noise_for(x_t, x0, t), x1)  # and for x0 itself, its own noise
+    # one Euler step along the target velocity from x_t to t = 0 lands on `other`
+    torch.testing.assert_close(x_t - t[:, None, None] * flow_target(other, noise), other, atol=1e-4, rtol=1e-4)
 
 
 def test_dropout_replaces_whole_samples_with_the_null_prompt():
@@ -278,6 +289,80 @@ def test_image_steps_train_text_to_image_on_first_latent_frames(tmp_path, monkey
     assert seen == [(5, clips.x0.shape[2]), (2, clips.x0.shape[2])]
     with pytest.raises(ValueError, match="image_every"):
         load_train_config("tiny-dit", ["image_every=-1"])
+
+
+def test_shape_swaps_give_t2v_samples_their_twin_caption_and_target(tmp_path):
+    from pipelines.training.train import DiTStage
+
+    stage = DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}", "data.twin_pool_size=3",
+                                                     "shape_swap=1.0"]))
+    pool, twins = stage.pool.short, stage.pool.twins
+    assert len(twins) == 3 and twins.x0.shape[1:] == pool.x0.shape[1:] and not twins.refs
+    for i in range(3):  # the twin of clip i is clip i with another shape: another caption, other latents
+        assert twins.captions[i] != pool.captions[i] and not torch.equal(twins.x0[i], pool.x0[i])
+    generator = torch.Generator().manual_seed(0)
+    batch = stage.pool.sample(32, False, generator, swap_share=1.0)
+    assert batch.swapped.any() and not batch.swapped.all()
+    for row in range(32):
+        index = next((i for i in range(len(pool)) if torch.equal(pool.x0[i], batch.x0[row])), None)
+        if batch.swapped[row]:  # only t2v clips with a twin; noisy input from the clip, target and caption twin's
+            assert batch.cond_types[row] == "t2v" and index < 3
+            assert torch.equal(batch.target_x0[row], twins.x0[index])
+            assert batch.captions[row] in (twins.captions[index], twins.prompts[index])
+            assert batch.captions[row].endswith("score.") == pool.captions[index].endswith("score.")
+            assert torch.equal(batch.objects[row], pool.objects[index] | twins.objects[index])
+        else:
+            assert torch.equal(batch.target_x0[row], batch.x0[row])
+            assert batch.cond_types[row] != "t2v" or index is None or index >= 3
+    images = stage.pool.sample_images(16, generator, swap_share=1.0)
+    assert images.swapped.any() and images.target_x0.shape == images.x0.shape
+    assert stage.pool.sample(8, False, generator).swapped is None  # no share, no swap, no extra draws
+
+    spy = _InputSpy()
+    assert torch.isfinite(stage.loss(spy, 8, torch.Generator().manual_seed(1), step=1))
+    assert (spy.seen["timesteps"] >= stage.cfg.shape_swap_min_t).any()
+
+
+class _InputSpy(torch.nn.Module):
+    """Stands in for the MMDiT: keeps the inputs of its last call and predicts zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor, self.seen = torch.nn.Parameter(torch.zeros(())), {}
+
+    def forward(self, **inputs):
+        self.seen = inputs
+        return torch.zeros_like(inputs["img"]) + 0 * self.anchor
+
+
+def test_swapped_samples_train_towards_the_twin_at_high_noise(tmp_path, monkeypatch):
+    from pipelines.sampling import pack
+    from pipelines.training import train
+    from pipelines.training.latent_pool import PoolBatch
+    from pipelines.training.train import DiTStage
+
+    stage = DiTStage(load_train_config("tiny-dit", [f"outputs={tmp_path}", "data.twin_pool_size=4",
+                                                     "shape_swap=0.5", "shape_swap_min_t=0.7", "text_dropout=0"]))
+    pool, twins, patch = stage.pool.short, stage.pool.twins, stage.cfg.model["patch_size"]
+    swapped = torch.tensor([True, False, True, False])
+    batch = PoolBatch(pool.x0[:4], [pool.references(i) for i in range(4)], list(twins.captions[:4]), ["t2v"] * 4,
+                      pool.objects[:4] | twins.objects[:4], torch.where(swapped[:, None, None, None, None],
+                                                                        twins.x0[:4], pool.x0[:4]), swapped)
+    monkeypatch.setattr(stage.pool, "sample", lambda *args, **kwargs: batch)
+    spy, targets = _InputSpy(), []
+    real_target = train.flow_target
+    monkeypatch.setattr(train, "flow_target", lambda *a, **k: targets.append(real_target(*a, **k)) or targets[-1])
+    stage.loss(spy, 4, torch.Generator().manual_seed(0), step=1)
+    t, x_t, target = spy.seen["timesteps"], spy.seen["img"], targets[0]
+    assert (t[swapped] >= 0.7).all()
+    # a step along the target from x_t to t = 0 lands on the twin where swapped, on the clip itself elsewhere
+    landing = x_t - t[:, None, None] * target
+    torch.testing.assert_close(landing[swapped], pack(twins.x0[:4], patch)[swapped], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(landing[~swapped], pack(pool.x0[:4], patch)[~swapped], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="twin_pool_size"):
+        load_train_config("tiny-dit", ["shape_swap=0.3"])
+    with pytest.raises(ValueError, match="shape_swap_min_t"):
+        load_train_config("tiny-dit", ["shape_swap_min_t=1.0"])
 
 
 def test_encoding_a_pool_reports_its_progress(tiny_vae, monkeypatch, caplog):

@@ -8,6 +8,7 @@ long clips for v2v. Encoded pools can be cached on disk (`data.pool_cache`) for 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -66,10 +67,13 @@ PROGRESS_EVERY_S = 60.0
 
 @torch.no_grad()
 def encode_clip_set(vae, length: int, num_frames: int, size: int, loop_fraction: float, seed: int,
-                    encode_batch: int = 8, object_margin: int = 0) -> ClipSet:
+                    encode_batch: int = 8, object_margin: int = 0, twin: bool = False) -> ClipSet:
     """Render `length` clips and encode them and all their references with the VAE; note where each object
-    lies on the latent grid (pixels within `object_margin` of it included)."""
-    dataset = ShapesDataset(length, num_frames=num_frames, size=size, loop_fraction=loop_fraction, seed=seed)
+    lies on the latent grid (pixels within `object_margin` of it included). With `twin`, the clips are the shape
+    twins of the same seed's clips (`ShapesDataset(twin=True)`), encoded without references: they only serve as
+    what a swapped caption asks for."""
+    dataset = ShapesDataset(length, num_frames=num_frames, size=size, loop_fraction=loop_fraction, seed=seed,
+                            twin=twin)
     latents, refs, captions, prompts, objects = [], {}, [], [], []
     ratios = vae.config.time_compression_ratio, vae.config.spatial_compression_ratio
     started, reported = time.monotonic(), time.monotonic()
@@ -84,7 +88,7 @@ def encode_clip_set(vae, length: int, num_frames: int, size: int, loop_fraction:
         latents.append(vae.encode(x))  # (b, C, T_lat, h, w)
         on_object = object_pixels(x, [item["background"] for item in items], object_margin)
         objects.append(latent_object_map(on_object, *ratios))
-        for clip_refs in encode_references(x, vae):
+        for clip_refs in ([] if twin else encode_references(x, vae)):
             for name in _REF_FIELDS:
                 value = getattr(clip_refs, name)
                 if value is not None:
@@ -97,19 +101,23 @@ def encode_clip_set(vae, length: int, num_frames: int, size: int, loop_fraction:
 
 @dataclass
 class PoolBatch:
-    x0: Tensor  # (B, C, T_lat, h, w)
+    x0: Tensor  # (B, C, T_lat, h, w): the clips the noisy latents are made from
     refs: list[ClipReferences]
     captions: list[str]
     cond_types: list[str]
-    objects: Tensor  # (B, T_lat, h, w) bool: latents on the object
+    objects: Tensor  # (B, T_lat, h, w) bool: latents on the object (on either clip's object where swapped)
+    target_x0: Tensor | None = None  # (B, C, T_lat, h, w): what the captions ask for; x0 where not swapped
+    swapped: Tensor | None = None  # (B,) bool: the caption and target are the clip's shape twin's
 
 
 class LatentPool:
     """Ordinary, loop and long clip sets plus the rule for which set a condition type draws from."""
 
     def __init__(self, short: ClipSet, loop: ClipSet | None, long: ClipSet | None, condition_config: dict,
-                 prompt_fraction: float = 0.5):
+                 prompt_fraction: float = 0.5, twins: ClipSet | None = None):
         self.short, self.loop, self.long = short, loop, long
+        # twins[i] is short[i] with another shape (and its caption), for i < len(twins): see `swap_shapes`
+        self.twins = twins if twins is not None and len(twins) else None
         # Upstream trains on one suffix format and prompts with another; showing both makes the default robust.
         self.prompt_fraction = prompt_fraction
         self.short_config = {k: w for k, w in condition_config.items() if not k.startswith("v2v")}
@@ -123,13 +131,14 @@ class LatentPool:
     def has_long(self) -> bool:
         return bool(self.long_config)
 
-    def sample(self, batch: int, long: bool, generator: torch.Generator) -> PoolBatch:
-        """Draw condition types, then a clip for each from the set that type trains on."""
+    def sample(self, batch: int, long: bool, generator: torch.Generator, swap_share: float = 0.0) -> PoolBatch:
+        """Draw condition types, then a clip for each from the set that type trains on; `swap_shapes` with
+        `swap_share`."""
         clip_set = self.long if long else self.short
         config = self.long_config if long else self.short_config
         t_lat = clip_set.x0.shape[2]
         types = draw_condition_types(config, t_lat, batch, generator)
-        x0, refs, captions, objects = [], [], [], []
+        x0, refs, captions, objects, indices = [], [], [], [], []
         for cond_type in types:
             source = self.loop if cond_type == "i2v_loop" else clip_set
             index = int(torch.randint(len(source), (1,), generator=generator))
@@ -138,9 +147,11 @@ class LatentPool:
             refs.append(source.references(index))
             use_prompt = float(torch.rand((), generator=generator)) < self.prompt_fraction
             captions.append(source.prompts[index] if use_prompt else source.captions[index])
-        return PoolBatch(torch.stack(x0), refs, captions, types, torch.stack(objects))
+            indices.append(index if source is self.short else -1)
+        batch = PoolBatch(torch.stack(x0), refs, captions, types, torch.stack(objects))
+        return self.swap_shapes(batch, indices, swap_share, generator) if swap_share else batch
 
-    def sample_images(self, batch: int, generator: torch.Generator) -> PoolBatch:
+    def sample_images(self, batch: int, generator: torch.Generator, swap_share: float = 0.0) -> PoolBatch:
         """Text-to-image samples: the first latent frame of ordinary clips (the causal VAE encodes a clip's first
         frame on its own, as it encodes an image), with their captions and no reference. A single frame is 16
         tokens against a 33-frame clip's 144, so a step sees many more objects drawn from a prompt."""
@@ -148,11 +159,38 @@ class LatentPool:
         use_prompt = (torch.rand(batch, generator=generator) < self.prompt_fraction).tolist()
         captions = [self.short.prompts[i] if p else self.short.captions[i] for i, p in zip(index, use_prompt)]
         empty = ClipReferences(**{name: None for name in _REF_FIELDS})
-        return PoolBatch(self.short.x0[index, :, :1], [empty] * batch, captions, ["t2v"] * batch,
-                         self.short.objects[index, :1])
+        images = PoolBatch(self.short.x0[index, :, :1], [empty] * batch, captions, ["t2v"] * batch,
+                           self.short.objects[index, :1])
+        return self.swap_shapes(images, index, swap_share, generator) if swap_share else images
+
+    def swap_shapes(self, batch: PoolBatch, indices: list[int], share: float, generator: torch.Generator
+                    ) -> PoolBatch:
+        """Give a `share` of the batch's text-to-video samples their clip's shape twin's caption and latents as
+        the target, keeping the clip itself for the noisy input (`indices`: each sample's place in the short set,
+        -1 for other sets). In ordinary training the noisy latent shows the shape as soon as it shows the object,
+        so the model can learn to read the shape there instead of from the caption; a swapped sample can only be
+        right by following the caption. The trainer draws high noise for these (`shape_swap_min_t`)."""
+        if self.twins is None:
+            raise ValueError("shape swaps need a pool of shape twins (data.twin_pool_size > 0)")
+        frames = batch.x0.shape[2]
+        draw = (torch.rand(len(indices), generator=generator) < share).tolist()
+        swapped = [d and 0 <= i < len(self.twins) and kind == "t2v"
+                   for d, i, kind in zip(draw, indices, batch.cond_types)]
+        target, objects, captions = batch.x0.clone(), batch.objects.clone(), list(batch.captions)
+        for row, (swap, index) in enumerate(zip(swapped, indices)):
+            if not swap:
+                continue
+            target[row] = self.twins.x0[index, :, :frames]
+            objects[row] |= self.twins.objects[index, :frames]
+            # the same suffix format as the clip's caption was drawn in
+            source = self.short.prompts if captions[row] == self.short.prompts[index] else self.short.captions
+            twin_captions = self.twins.prompts if source is self.short.prompts else self.twins.captions
+            captions[row] = twin_captions[index]
+        return dataclasses.replace(batch, captions=captions, objects=objects, target_x0=target,
+                                   swapped=torch.tensor(swapped, dtype=torch.bool))
 
     def all_captions(self) -> list[str]:
-        sets = [s for s in (self.short, self.loop, self.long) if s is not None]
+        sets = [s for s in (self.short, self.loop, self.long, self.twins) if s is not None]
         return [c for s in sets for c in (*s.captions, *s.prompts)]
 
 
@@ -226,20 +264,22 @@ def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0,
     sets for other VAEs stay until removed by hand (~1 GB per 8,192 clips of 33 frames with their references)."""
     fingerprint = vae_fingerprint(vae) if cache_dir else None
 
-    def encode(length: int, num_frames: int, loop_fraction: float, seed: int) -> ClipSet:
+    def encode(length: int, num_frames: int, loop_fraction: float, seed: int, twin: bool = False) -> ClipSet:
         if not cache_dir:
             return encode_clip_set(vae, length, num_frames, data.size, loop_fraction, seed, data.encode_batch,
-                                   object_margin)
+                                   object_margin, twin)
         spec = dict(version=CACHE_VERSION, vae=fingerprint, length=length, num_frames=num_frames, size=data.size,
                     loop_fraction=loop_fraction, seed=seed, object_margin=object_margin,
                     v2v_frames=[V2V_FRAMES, V2V_EASY_FRAMES])
+        if twin:  # (ordinary sets keep the keys they had before twins existed)
+            spec["twin"] = True
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"clips-{key}.safetensors"
         if path.is_file():
             logger.info("latent pool: %d clips of %d frames from %s", length, num_frames, path)
             return load_clip_set(path)
         clips = encode_clip_set(vae, length, num_frames, data.size, loop_fraction, seed, data.encode_batch,
-                                object_margin)
+                                object_margin, twin)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_clip_set(clips, path)
         return clips
@@ -250,6 +290,9 @@ def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0,
         loop = encode(data.loop_pool_size, data.num_frames, 1.0, data.seed + 1)
     if data.long_pool_size and any(w > 0 for k, w in condition_config.items() if k.startswith("v2v")):
         long = encode(data.long_pool_size, data.long_frames, 0.0, data.seed + 2)
-    logger.info("latent pool: %d clips, %d loop clips, %d long clips", len(short), len(loop) if loop else 0,
-                len(long) if long else 0)
-    return LatentPool(short, loop, long, condition_config)
+    # the first twin_pool_size clips of the short set, each with another shape (same seed: same index, same spec)
+    twins = encode(min(data.twin_pool_size, data.pool_size), data.num_frames, 0.0, data.seed, twin=True) \
+        if data.twin_pool_size else None
+    logger.info("latent pool: %d clips, %d loop clips, %d long clips, %d shape twins", len(short),
+                len(loop) if loop else 0, len(long) if long else 0, len(twins) if twins else 0)
+    return LatentPool(short, loop, long, condition_config, twins=twins)

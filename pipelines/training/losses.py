@@ -61,6 +61,13 @@ def flow_target(x0: Tensor, x1: Tensor, sigma_min: float = SIGMA_MIN) -> Tensor:
     return (1 - sigma_min) * x1 - x0
 
 
+def flow_noise_for(x_t: Tensor, x0: Tensor, t: Tensor, sigma_min: float = SIGMA_MIN) -> Tensor:
+    """The noise x1 that `flow_interpolate` takes with x0 to x_t (t > 0): the straight path through x_t that ends
+    at x0, so `flow_target(x0, x1)` is the velocity carrying x_t to x0."""
+    t = _per_sample(t, x0)
+    return (x_t - (1 - t) * x0) / (1 - (1 - sigma_min) * (1 - t))
+
+
 def dropout_condition(prob: float, txt: Tensor, null_txt: Tensor, generator: torch.Generator | None = None,
                       y_vec: Tensor | None = None,
                       null_y: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:

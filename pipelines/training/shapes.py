@@ -369,11 +369,19 @@ def object_pixels(video: torch.Tensor, backgrounds: list[str], margin: int = 0) 
     return on_object
 
 
+def twin_shape(shape: str, index: int) -> str:
+    """The other shape a clip's twin has: the next one in SHAPES for even indices, the one after for odd, so a pool
+    of twins pairs every shape with both others."""
+    return SHAPES[(SHAPES.index(shape) + 1 + index % 2) % len(SHAPES)]
+
+
 class ShapesDataset(torch.utils.data.Dataset):
-    """A virtual epoch of Shapes clips, each fully determined by (seed, index)."""
+    """A virtual epoch of Shapes clips, each fully determined by (seed, index). With `twin`, item i is item i of
+    the same seed with another shape (`twin_shape`): same colours, size, start and motion, and a caption naming the
+    new shape."""
 
     def __init__(self, length: int, *, num_frames: int = 33, size: int = 64, loop_fraction: float = 0.0,
-                 seed: int = 0, suffix_fn: Callable | None = None):
+                 seed: int = 0, suffix_fn: Callable | None = None, twin: bool = False):
         check_num_frames(num_frames)
         check_frame_size(size)
         if length < 1:
@@ -382,6 +390,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ShapesError(f"loop_fraction must be within [0, 1], got {loop_fraction}")
         self.length, self.num_frames, self.size = length, num_frames, size
         self.loop_fraction, self.seed, self.suffix_fn = loop_fraction, seed, suffix_fn
+        self.twin = twin
 
     def __len__(self) -> int:
         return self.length
@@ -393,6 +402,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = random.Random(f"shapes:{self.seed}:{index}")
         loop = rng.random() < self.loop_fraction
         spec = sample_spec(rng, size=self.size, num_frames=self.num_frames, loop=loop)
+        if self.twin:
+            spec = dataclasses.replace(spec, shape=twin_shape(spec.shape, index))
         raw_caption = caption_for(spec, rng)
         clip = rearrange(render_clip(spec, self.num_frames, self.size), "t h w c -> c t h w")  # uint8
         # Single-threaded numpy keeps this cheap inside DataLoader workers and on busy machines alike.

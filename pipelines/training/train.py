@@ -33,8 +33,8 @@ from pipelines.training.distributed import (DistributedConfig, all_reduce_mean, 
                                             is_main_process, setup_distributed)
 from pipelines.training.ema import create_ema, place_ema, update_ema
 from pipelines.training.latent_pool import TextCache, build_latent_pool
-from pipelines.training.losses import (dropout_condition, edge_loss, flow_interpolate, flow_target, get_batch_loss,
-                                       sample_timesteps)
+from pipelines.training.losses import (dropout_condition, edge_loss, flow_interpolate, flow_noise_for, flow_target,
+                                       get_batch_loss, sample_timesteps)
 from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, create_lr_scheduler
 from pipelines.training.reporting import format_duration, log_cuda_memory, log_model_params
 from pipelines.training.shapes import ShapesDataset, object_pixels
@@ -204,9 +204,9 @@ class DiTStage:
         long = self.is_long_step(step)
         image = self.is_image_step(step)
         if image:
-            batch = self.pool.sample_images(cfg.image_batch_size, generator)
+            batch = self.pool.sample_images(cfg.image_batch_size, generator, cfg.shape_swap)
         else:
-            batch = self.pool.sample(cfg.long_batch_size if long else batch_size, long, generator)
+            batch = self.pool.sample(cfg.long_batch_size if long else batch_size, long, generator, cfg.shape_swap)
         x0 = batch.x0  # (B, C, T, h, w)
         b, _, t_lat, h, w = x0.shape
         # Image steps draw noise levels as for the clips their frames come from: they teach the clip's first frame,
@@ -218,9 +218,18 @@ class DiTStage:
         t = sample_timesteps(b, (h // patch) * (w // patch), shift_frames, generator,
                              uniform_share=cfg.timestep_uniform, low_share=cfg.timestep_low,
                              low_max=cfg.timestep_low_max)  # (B,)
+        if batch.swapped is not None:  # swapped samples: noise high enough that the clip no longer shows its shape
+            high = cfg.shape_swap_min_t + (1 - cfg.shape_swap_min_t) * torch.rand(b, generator=generator)
+            t = torch.where(batch.swapped, high, t)
         x0_tokens = pack(x0, patch)  # (B, L, C p^2)
         x1 = torch.randn(x0_tokens.shape, generator=generator)  # CPU noise: the same batch on any device
-        inputs = dict(img=flow_interpolate(x0_tokens, x1, t), img_ids=prepare_img_ids(b, t_lat, h, w, patch),
+        x_t = flow_interpolate(x0_tokens, x1, t)
+        if batch.swapped is not None:  # the target is the twin's: the velocity from this x_t to the twin's latents
+            twin_tokens = pack(batch.target_x0, patch)
+            swapped = batch.swapped[:, None, None]
+            x0_tokens = torch.where(swapped, twin_tokens, x0_tokens)
+            x1 = torch.where(swapped, flow_noise_for(x_t, twin_tokens, t), x1)
+        inputs = dict(img=x_t, img_ids=prepare_img_ids(b, t_lat, h, w, patch),
                       txt=txt, txt_ids=prepare_txt_ids(b, txt.shape[1]), timesteps=t, y_vec=y_vec,
                       cond=pack(cond, patch))
         device = model_device(model)

@@ -58,6 +58,7 @@ class DataConfig:
     loop_pool_size: int = 16  # dit: pre-encoded loop clips (for i2v_loop)
     long_pool_size: int = 16  # dit: pre-encoded long clips (for v2v)
     encode_batch: int = 8
+    twin_pool_size: int = 0  # dit: shape twins encoded for the first this many ordinary clips (for shape_swap)
     pool_cache: str = ""  # dit: folder for encoded pools, reused by later runs on the same VAE ("" = none)
     vae_crop: int = 0  # vae stage: train on crops this big around the object (0: whole frames); 4x cheaper at 32,
     # but GroupNorm's statistics then differ from whole frames' (measured on whole frames: 16 dB after 1,000 steps
@@ -83,6 +84,8 @@ class TrainConfig:
     timestep_uniform: float = 0.0  # dit: share of t drawn like the sampler's steps (shifted uniform), not logit-normal
     timestep_low: float = 0.0  # dit: share of t drawn uniformly from [LOW_T_MIN, timestep_low_max] (low noise)
     timestep_low_max: float = 0.4
+    shape_swap: float = 0.0  # dit: share of t2v samples whose caption and target are their clip's shape twin's
+    shape_swap_min_t: float = 0.6  # dit: swapped samples draw t uniformly from [shape_swap_min_t, 1]
     batch_size: int = 8
     long_batch_size: int = 4  # dit: batch size of v2v (long clip) steps
     long_every: int = 4  # dit: every k-th step trains on long clips (0: never)
@@ -121,11 +124,15 @@ class TrainConfig:
             raise ValueError(f"optim.accumulation_steps must be at least 1, got {self.optim.accumulation_steps}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
-        for name in ("timestep_uniform", "timestep_low"):
+        for name in ("timestep_uniform", "timestep_low", "shape_swap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if not LOW_T_MIN < self.timestep_low_max <= 1.0:
             raise ValueError(f"timestep_low_max must lie in ({LOW_T_MIN}, 1], got {self.timestep_low_max}")
+        if not 0.0 < self.shape_swap_min_t < 1.0:
+            raise ValueError(f"shape_swap_min_t must lie in (0, 1), got {self.shape_swap_min_t}")
+        if self.shape_swap and (self.data.twin_pool_size < 1 or self.stage != "dit"):
+            raise ValueError("shape_swap trains the dit stage on shape twins: set data.twin_pool_size > 0")
         if self.edge_weight < 0:
             raise ValueError(f"edge_weight must not be negative, got {self.edge_weight}")
         if self.object_weight < 0 or self.object_margin < 0:
