@@ -180,6 +180,20 @@ def test_sampling_from_a_noised_real_latent_starts_there(engine):
         run(start=start[:, :, :1], start_t=0.5)
 
 
+def test_swapped_shape_captions_are_judged_against_the_caption(engine, monkeypatch):
+    from pipelines.training import shapes
+
+    prompts, captions = shapes.sample_eval_prompts(3, 0, num_frames=9), []
+    real_check = engine.check
+    monkeypatch.setattr(engine, "check", lambda opts: captions.append(opts.prompt) or real_check(opts))
+    report = evaluate.evaluate_from_noise(engine, n=3, seed=0, frames=9, levels=[0.5], swap_shape=True)["0.5"]
+    for i, (item, caption) in enumerate(zip(prompts, captions)):  # the same caption but for the shape
+        other = shapes.twin_shape(item.spec.shape, i)
+        assert caption == shapes.caption_with_shape(item.caption, item.spec.shape, other)
+    assert report["clips"] == 3 and report["follows_caption"] == report["shape_accuracy"]
+    assert 0.0 <= report["follows_caption"] + report["follows_clip"] <= 1.0
+
+
 def test_from_noise_report_judges_each_level(engine):
     report = evaluate.evaluate_from_noise(engine, n=2, seed=0, frames=9, levels=[1.0, 0.05])
     assert set(report) == {"1", "0.05"}

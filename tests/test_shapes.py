@@ -11,7 +11,7 @@ import torch
 
 from pipelines.training.shapes import (
     BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, ShapesDataset, ShapesError, ShapeSpec, caption_for, centre_path,
-    render_clip, sample_eval_prompts, sample_spec, twin_shape,
+    caption_with_shape, render_clip, sample_eval_prompts, sample_spec, twin_shape,
 )
 
 SHAPE_WORDS = {"circle": {"circle", "ball", "disc"}, "square": {"square", "box", "block"},
@@ -191,6 +191,14 @@ def test_shape_twins_change_only_the_shape_and_cover_every_pair():
     assert {(s, twin_shape(s, i)) for s in SHAPES for i in range(2)} == {(s, o) for s in SHAPES for o in SHAPES
                                                                           if s != o}
     assert len(pairs) >= 4
+
+
+def test_caption_with_shape_swaps_only_the_shape_word():
+    assert caption_with_shape("A red ball rolls left over gray.", "circle", "triangle") == \
+        "A red triangle rolls left over gray."
+    assert caption_with_shape("a blue wedge on black", "triangle", "square") == "a blue square on black"
+    with pytest.raises(ShapesError, match="names no square"):
+        caption_with_shape("a red circle", "square", "circle")
 
 
 def _box(frame: np.ndarray, background: str) -> np.ndarray:

@@ -14,7 +14,9 @@ before H.264 encoding, so the numbers measure the model, not the codec.
   MMDiT on this VAE could score (a blurred decoder caps colour and shape before the MMDiT does anything).
 - from_noise (`--from-noise 1,0.5,0.15`): the t2v prompts sampled from their real clip's latent noised to each
   level t0 (the schedule's steps below t0): from which noise level on the model loses colour, shape or direction
-  (t0 = 1 is plain t2v; a small t0 reads close to the VAE ceiling).
+  (t0 = 1 is plain t2v; a small t0 reads close to the VAE ceiling). With `--swap-shape` the captions name another
+  shape than the clip's (`twin_shape`): whether the model draws the caption's shape or the one the noisy latent
+  still shows (`follows_caption`, `follows_clip`).
 The t2v and ceiling sections list what was mistaken for what (`shape_confusion`, `color_confusion`).
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import random
 import tempfile
@@ -41,7 +44,7 @@ from pipelines.stages import (ReferencePixels, decode_video, encode_references, 
                               latent_shape, sample)
 from pipelines.text import build_prompt
 from pipelines.training.judge import centroid_track, judge_clip, motion_direction, psnr, speed_score_correlation
-from pipelines.training.shapes import render_clip, sample_eval_prompts
+from pipelines.training.shapes import caption_with_shape, render_clip, sample_eval_prompts, twin_shape
 from pipelines.training.train_default import round_trip
 
 TARGETS = {"t2v_color": 0.95, "t2v_direction": 0.90, "t2v_shape": 0.85, "i2v_first_psnr_db": 28.0,
@@ -104,12 +107,18 @@ def evaluate_vae_ceiling(engine: Engine, n: int, seed: int, frames: int) -> dict
 
 
 @torch.inference_mode()
-def evaluate_from_noise(engine: Engine, n: int, seed: int, frames: int, levels: list[float]) -> dict:
-    """The judge on t2v samples that start from the prompt's real clip (its latent noised to each level)."""
+def evaluate_from_noise(engine: Engine, n: int, seed: int, frames: int, levels: list[float],
+                        swap_shape: bool = False) -> dict:
+    """The judge on t2v samples that start from the prompt's real clip (its latent noised to each level); with
+    `swap_shape` the caption names another shape than the clip's, and the judge expects the caption's."""
     c = engine.components
     rows = {level: [] for level in levels}
     for i, item in enumerate(sample_eval_prompts(n, seed, num_frames=frames)):
-        opts = engine.check(GenerationOptions(prompt=item.caption, num_frames=frames,
+        caption, expected = item.caption, item.spec
+        if swap_shape:
+            expected = dataclasses.replace(item.spec, shape=twin_shape(item.spec.shape, i))
+            caption = caption_with_shape(item.caption, item.spec.shape, expected.shape)
+        opts = engine.check(GenerationOptions(prompt=caption, num_frames=frames,
                                               motion_score=item.spec.motion_score, seed=seed + i))
         text, negative = encode_text(c.text_encoder, build_prompt(opts.prompt, opts.fps, opts.motion_score),
                                      opts.negative_prompt)
@@ -119,9 +128,16 @@ def evaluate_from_noise(engine: Engine, n: int, seed: int, frames: int, levels: 
         for level in levels:
             z = sample(c.mmdit, text, negative, ReferenceLatents(), "t2v", latent, opts.seed, guidance_options(opts),
                        start=start, start_t=level)
-            rows[level].append({**judge_clip(_frames(decode_video(c.vae, z, frames)), item.spec),
-                                "expected": item.spec})
-    return {f"{level:g}": _accuracies(level_rows) for level, level_rows in rows.items()}
+            rows[level].append({**judge_clip(_frames(decode_video(c.vae, z, frames)), expected),
+                                "expected": expected, "clip_shape": item.spec.shape})
+    return {f"{level:g}": _accuracies(level_rows) | (_followed(level_rows) if swap_shape else {})
+            for level, level_rows in rows.items()}
+
+
+def _followed(rows: list[dict]) -> dict:
+    """Shares of swapped-caption samples drawn in the caption's shape and in the clip's own."""
+    return {"follows_caption": _mean([r["shape"] == r["expected"].shape for r in rows]),
+            "follows_clip": _mean([r["shape"] == r["clip_shape"] for r in rows])}
 
 
 def _noise_levels(text: str) -> list[float]:
@@ -211,6 +227,9 @@ def main(argv=None) -> dict:
     p.add_argument("--from-noise", type=_noise_levels, default=None, metavar="T0[,T0...]",
                    help="also sample the t2v prompts (36 when --t2v is 0) from their real clip noised to these "
                         "levels (e.g. 1,0.5,0.15)")
+    p.add_argument("--swap-shape", action="store_true",
+                   help="with --from-noise: captions name another shape than the clip's (does the model follow "
+                        "the caption or the noisy latent?)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -233,7 +252,7 @@ def main(argv=None) -> dict:
             report["vae_ceiling"] = evaluate_vae_ceiling(engine, args.ceiling, args.seed, args.frames)
         if args.from_noise:
             report["from_noise"] = evaluate_from_noise(engine, args.t2v or 36, args.seed, args.frames,
-                                                       args.from_noise)
+                                                       args.from_noise, args.swap_shape)
     report["clips"] = sum(report[m]["clips"] for m in ("t2v", "i2v", "loop", "extend") if m in report)
     report["wall_s"] = round(time.perf_counter() - start, 1)
     report["targets"] = TARGETS

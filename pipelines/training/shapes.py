@@ -12,6 +12,7 @@ import functools
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -313,6 +314,15 @@ def caption_for(spec: ShapeSpec, rng: random.Random) -> str:
         words |= {"dir": rng.choice(_DIRECTION_WORDS[spec.direction]),
                   "ing": rng.choice(_VERBS_ING), "third": rng.choice(_VERBS_3RD)}
     return template.format(**words)
+
+
+def caption_with_shape(caption: str, shape: str, new_shape: str) -> str:
+    """The caption with its word for `shape` (any synonym) replaced by `new_shape`'s plain name."""
+    pattern = r"\b(%s)\b" % "|".join(_SHAPE_WORDS[shape])
+    swapped, count = re.subn(pattern, new_shape, caption, count=1, flags=re.IGNORECASE)
+    if not count:
+        raise ShapesError(f"the caption {caption!r} names no {shape}")
+    return swapped
 
 
 def format_caption_for_training(caption: str, motion_score: int, suffix_fn: Callable | None = None) -> str:
