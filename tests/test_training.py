@@ -300,16 +300,18 @@ def test_shape_swaps_give_t2v_samples_their_twin_caption_and_target(tmp_path):
     assert len(twins) == 3 and twins.x0.shape[1:] == pool.x0.shape[1:] and not twins.refs
     for i in range(3):  # the twin of clip i is clip i with another shape: another caption, other latents
         assert twins.captions[i] != pool.captions[i] and not torch.equal(twins.x0[i], pool.x0[i])
+    plain = stage.pool.sample(32, False, torch.Generator().manual_seed(0))  # the same draws, before any swap
     generator = torch.Generator().manual_seed(0)
     batch = stage.pool.sample(32, False, generator, swap_share=1.0)
-    assert batch.swapped.any() and not batch.swapped.all()
+    assert batch.swapped.any() and not batch.swapped.all() and torch.equal(plain.x0, batch.x0)
     for row in range(32):
         index = next((i for i in range(len(pool)) if torch.equal(pool.x0[i], batch.x0[row])), None)
         if batch.swapped[row]:  # only t2v clips with a twin; noisy input from the clip, target and caption twin's
             assert batch.cond_types[row] == "t2v" and index < 3
             assert torch.equal(batch.target_x0[row], twins.x0[index])
             assert batch.captions[row] in (twins.captions[index], twins.prompts[index])
-            assert batch.captions[row].endswith("score.") == pool.captions[index].endswith("score.")
+            # in the suffix format the clip's own caption was drawn in (training or inference)
+            assert (batch.captions[row] == twins.prompts[index]) == (plain.captions[row] == pool.prompts[index])
             assert torch.equal(batch.objects[row], pool.objects[index] | twins.objects[index])
         else:
             assert torch.equal(batch.target_x0[row], batch.x0[row])
