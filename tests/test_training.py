@@ -519,6 +519,69 @@ def test_decoder_finetune_leaves_the_encoder_untouched(tmp_path):
         assert same == (name.startswith("encoder.") or name.startswith("quant_conv.")), name
 
 
+def _write_tiny_preset(folder: Path, zero_output: bool) -> Path:
+    """A tiny preset folder; with `zero_output` its MMDiT predicts velocity 0 (the training init)."""
+    from pipelines.models.mmdit import MMDiT, MMDiTConfig
+    from pipelines.training.train_config import TINY_MMDIT
+    from pipelines.training.train_default import write_preset
+
+    torch.manual_seed(5)
+    mmdit = MMDiT(MMDiTConfig.from_dict(TINY_MMDIT))
+    if zero_output:
+        mmdit.initialize_weights()
+    write_preset(folder, mmdit, CausalVAE(CausalVAEConfig.from_dict(TINY_VAE)), trained=True, notes="", training={})
+    return folder
+
+
+def test_sampled_latents_start_from_the_clip_noised_to_t0(tmp_path):
+    from pipelines.training.denoised_latents import SampledLatents, load_preset_mmdit
+
+    z = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    # A model that predicts velocity 0 leaves the noised start as it is: (1 - t0) z + t0 noise.
+    still = SampledLatents(load_preset_mmdit(_write_tiny_preset(tmp_path / "zero", True)), _HashTextEncoder(),
+                           (0.3, 0.3), num_steps=30, guidance=4.0)
+    out = still(z, ["a red circle", "a blue square"], torch.Generator().manual_seed(1))
+    noise = (out - 0.7 * z) / 0.3
+    assert out.shape == z.shape
+    assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1
+    assert not torch.allclose(noise[0], noise[1])  # each clip its own noise
+    # A model that predicts something moves the latents along the schedule's steps below t0, reproducibly.
+    moving = SampledLatents(load_preset_mmdit(_write_tiny_preset(tmp_path / "rand", False)), _HashTextEncoder(),
+                            (0.3, 0.3), num_steps=30, guidance=4.0)
+    first = moving(z, ["a red circle", "a blue square"], torch.Generator().manual_seed(1))
+    again = moving(z, ["a red circle", "a blue square"], torch.Generator().manual_seed(1))
+    assert torch.equal(first, again) and not torch.allclose(first, out, atol=1e-3)
+    with pytest.raises(ValueError, match="denoise_t"):
+        SampledLatents(moving.model, _HashTextEncoder(), (0.5, 1.0), num_steps=30, guidance=4.0)
+
+
+def test_decoder_learns_from_resampled_latents_with_denoise_with(tmp_path, monkeypatch):
+    """The second term is the same reconstruction loss on decode(re-sampled latents): from a velocity-0 model at
+    t0 ~ 0 those are the clip's own latents, so the loss doubles; training moves the decoder only."""
+    from pipelines.training import train
+
+    monkeypatch.setattr(train, "load_text_encoder", lambda max_length: _HashTextEncoder())
+    torch.manual_seed(3)
+    start = CausalVAE(CausalVAEConfig.from_dict(TINY_VAE))
+    safetensors.torch.save_file(start.state_dict(), tmp_path / "vae.safetensors")
+    preset = _write_tiny_preset(tmp_path / "preset", zero_output=True)
+    base = ["freeze_encoder=true", f"vae_weights={tmp_path / 'vae.safetensors'}", "threads=1"]
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        load_train_config("tiny-vae", [f"denoise_with={preset}"])
+    plain = train.VAEStage(load_train_config("tiny-vae", base))
+    both = train.VAEStage(load_train_config("tiny-vae", [*base, f"denoise_with={preset}", "denoise_t=[1e-4,1e-4]"]))
+    model = plain.build_model()
+    with torch.no_grad():
+        once = plain.loss(model, 2, torch.Generator().manual_seed(7), 0)
+        twice = both.loss(model, 2, torch.Generator().manual_seed(7), 0)
+    assert float(twice) == pytest.approx(2 * float(once), rel=1e-2)
+    result = train.main(["--config", "tiny-vae", f"outputs={tmp_path / 'run'}", "steps=2", *base,
+                         f"denoise_with={preset}"])
+    for name, tensor in start.state_dict().items():
+        same = torch.equal(tensor, result.model.state_dict()[name])
+        assert same == name.startswith(("encoder.", "quant_conv.")), name
+
+
 def test_dit_stage_warm_starts_from_mmdit_weights(tmp_path):
     from pipelines.models.mmdit import MMDiT, MMDiTConfig
     from pipelines.training.train import DiTStage

@@ -98,12 +98,22 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 class VAEStage:
     """L1 + mse_weight * MSE + edge_weight * edge loss (object pixels weighted by 1 + object_weight) + kl_weight *
-    (mean KL per latent element) on freshly rendered clips."""
+    (mean KL per latent element) on freshly rendered clips. With `denoise_with` (decoder alone) the same
+    reconstruction loss is added for the decode of the clip's latents as the preset's sampler re-makes them from
+    noise level t0 (`denoised_latents.SampledLatents`)."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dataset = ShapesDataset(10**9, num_frames=cfg.data.num_frames, size=cfg.data.size,
                                      loop_fraction=cfg.data.loop_fraction, seed=cfg.data.seed)
+        self.sampled = None
+        if cfg.denoise_with:
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                raise ValueError("denoise_with runs on one process: its second decode bypasses the DDP wrapper")
+            from pipelines.training.denoised_latents import SampledLatents, load_preset_mmdit
+
+            self.sampled = SampledLatents(load_preset_mmdit(cfg.denoise_with), load_text_encoder(cfg.text_max_length),
+                                          tuple(cfg.denoise_t), cfg.denoise_steps, cfg.denoise_guidance)
 
     def build_model(self) -> CausalVAE:
         """A fresh VAE, or the one in `vae_weights` to fine-tune; with `freeze_encoder` only the decoder learns."""
@@ -143,11 +153,21 @@ class VAEStage:
         recon, posterior = model(x, sample_posterior=self.cfg.sample_posterior, generator=generator)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         weight = self.pixel_weights(x, [item["background"] for item in items])  # (B, 1, T, H, W)
+        loss = self.reconstruction_loss(recon, x, weight)
+        if self.sampled is not None:  # the decoder also learns to draw the clip from the sampler's latents
+            vae = getattr(model, "module", model)
+            z = vae.config.scale_factor * (posterior.mean - vae.config.shift_factor)
+            resampled = self.sampled(z.detach(), [item["caption"] for item in items], generator)
+            loss = loss + self.reconstruction_loss(vae.decode(resampled), x, weight)
+        return loss + self.cfg.kl_weight * kl
+
+    def reconstruction_loss(self, recon: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Weighted L1 + `mse_weight` MSE, plus `edge_weight` times the edge loss."""
         err = (recon - x).abs() + self.cfg.mse_weight * (recon - x).pow(2)
         loss = (err * weight).mean() / weight.mean()
         if self.cfg.edge_weight:
             loss = loss + self.cfg.edge_weight * edge_loss(recon, x, weight)
-        return loss + self.cfg.kl_weight * kl
+        return loss
 
     def pixel_weights(self, x: torch.Tensor, backgrounds: list[str]) -> torch.Tensor:
         """1 on background pixels, 1 + `object_weight` on the object's: the object is a few percent of a frame,

@@ -99,6 +99,11 @@ class TrainConfig:
     # decoded pixels (vae), on the predicted velocity's latents (dit; object latents weighted as in the MSE)
     sample_posterior: bool = False  # vae: decode a posterior sample (True) or its mean (faster to learn)
     freeze_encoder: bool = False  # vae: fine-tune only the decoder (latents, and so a trained DiT, stay valid)
+    denoise_with: str = ""  # vae (with freeze_encoder): a preset folder whose MMDiT re-samples each clip's latents
+    # from noise level t0 ~ U[denoise_t]; the decoder also learns to decode those to the clip (`denoised_latents`)
+    denoise_t: list[float] = field(default_factory=lambda: [0.05, 0.5])
+    denoise_steps: int = 30  # the sampler's step count: the steps of its schedule below t0 are run
+    denoise_guidance: float = 4.0  # text guidance of those steps
     steps: int = 100
     time_budget_min: float = 0.0  # > 0: fit the step count (and cosine length) to this wall time
     log_every: int = 10
@@ -148,6 +153,10 @@ class TrainConfig:
                 f"model.hidden_size={self.model.get('hidden_size')}: a token cannot carry its own noise through the "
                 "blocks, so the velocity's noise part is lost (the loss stalls high); use model.prediction=data, "
                 "a smaller patch, fewer latent channels or a wider model")
+        if self.denoise_with and (self.stage != "vae" or not self.freeze_encoder):
+            raise ValueError("denoise_with fine-tunes the decoder alone: use stage=vae with freeze_encoder=true")
+        if self.denoise_with and (len(self.denoise_t) != 2 or not 0.0 < self.denoise_t[0] <= self.denoise_t[1] < 1):
+            raise ValueError(f"denoise_t must be [lo, hi] with 0 < lo <= hi < 1, got {self.denoise_t}")
         if self.object_margin and not self.object_weight:
             raise ValueError("object_margin widens the object_weight region: set object_weight too")
 
