@@ -138,7 +138,7 @@ class LatentPool:
         config = self.long_config if long else self.short_config
         t_lat = clip_set.x0.shape[2]
         types = draw_condition_types(config, t_lat, batch, generator)
-        x0, refs, captions, objects, indices = [], [], [], [], []
+        x0, refs, captions, objects, indices, prompted = [], [], [], [], [], []
         for cond_type in types:
             source = self.loop if cond_type == "i2v_loop" else clip_set
             index = int(torch.randint(len(source), (1,), generator=generator))
@@ -148,8 +148,9 @@ class LatentPool:
             use_prompt = float(torch.rand((), generator=generator)) < self.prompt_fraction
             captions.append(source.prompts[index] if use_prompt else source.captions[index])
             indices.append(index if source is self.short else -1)
+            prompted.append(use_prompt)
         batch = PoolBatch(torch.stack(x0), refs, captions, types, torch.stack(objects))
-        return self.swap_shapes(batch, indices, swap_share, generator) if swap_share else batch
+        return self.swap_shapes(batch, indices, prompted, swap_share, generator) if swap_share else batch
 
     def sample_images(self, batch: int, generator: torch.Generator, swap_share: float = 0.0) -> PoolBatch:
         """Text-to-image samples: the first latent frame of ordinary clips (the causal VAE encodes a clip's first
@@ -161,13 +162,13 @@ class LatentPool:
         empty = ClipReferences(**{name: None for name in _REF_FIELDS})
         images = PoolBatch(self.short.x0[index, :, :1], [empty] * batch, captions, ["t2v"] * batch,
                            self.short.objects[index, :1])
-        return self.swap_shapes(images, index, swap_share, generator) if swap_share else images
+        return self.swap_shapes(images, index, use_prompt, swap_share, generator) if swap_share else images
 
-    def swap_shapes(self, batch: PoolBatch, indices: list[int], share: float, generator: torch.Generator
-                    ) -> PoolBatch:
+    def swap_shapes(self, batch: PoolBatch, indices: list[int], prompted: list[bool], share: float,
+                    generator: torch.Generator) -> PoolBatch:
         """Give a `share` of the batch's text-to-video samples their clip's shape twin's caption and latents as
         the target, keeping the clip itself for the noisy input (`indices`: each sample's place in the short set,
-        -1 for other sets). In ordinary training the noisy latent shows the shape as soon as it shows the object,
+        -1 for other sets; `prompted`: whether its caption is in the prompt's suffix format, not training's). In ordinary training the noisy latent shows the shape as soon as it shows the object,
         so the model can learn to read the shape there instead of from the caption; a swapped sample can only be
         right by following the caption. The trainer draws high noise for these (`shape_swap_min_t`)."""
         if self.twins is None:
@@ -182,10 +183,7 @@ class LatentPool:
                 continue
             target[row] = self.twins.x0[index, :, :frames]
             objects[row] |= self.twins.objects[index, :frames]
-            # the same suffix format as the clip's caption was drawn in
-            source = self.short.prompts if captions[row] == self.short.prompts[index] else self.short.captions
-            twin_captions = self.twins.prompts if source is self.short.prompts else self.twins.captions
-            captions[row] = twin_captions[index]
+            captions[row] = (self.twins.prompts if prompted[row] else self.twins.captions)[index]  # same format
         return dataclasses.replace(batch, captions=captions, objects=objects, target_x0=target,
                                    swapped=torch.tensor(swapped, dtype=torch.bool))
 
