@@ -152,7 +152,8 @@ def main(argv=None) -> dict:
     model, vae = random_init(model, device, dtype), random_init(vae, device, dtype)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "torch": torch.__version__, "mmdit_params": sum(p.numel() for p in model.parameters()),
-            "size": "smoke" if args.smoke else f"{opts.height}x{opts.width}x{opts.num_frames}", "latent": [t_lat, h_lat, w_lat],
+            "size": "smoke" if args.smoke else f"{opts.height}x{opts.width}x{opts.num_frames}",
+            "latent": [t_lat, h_lat, w_lat],
             "tokens": t_lat * (h_lat // 2) * (w_lat // 2), "date": time.strftime("%Y-%m-%d"), "results": []}
     variants = [("eager", model)] + ([("compiled", torch.compile(model, dynamic=False))] if args.compile else [])
     for variant, net in variants:

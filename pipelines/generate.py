@@ -83,7 +83,8 @@ def row_options(row: dict, args) -> GenerationOptions:
     name = (row.get("name") or "").strip() or (row["text"] if args.prompt_as_path else None)
     segments = args.segments if cond_type.startswith("v2v") else 1
     return GenerationOptions(**COND_TO_MODE[cond_type], segments=segments,
-                             image_first=args.image_first and cond_type == "t2v", prompt=row["text"], negative_prompt=row.get("neg") or "",
+                             image_first=args.image_first and cond_type == "t2v", prompt=row["text"],
+                             negative_prompt=row.get("neg") or "",
                              references=refs, seed=args.seed, num_frames=args.num_frames,
                              resolution=args.resolution, aspect_ratio=args.aspect_ratio, fps=args.fps,
                              motion_score=motion, num_steps=args.num_steps, guidance=args.guidance,

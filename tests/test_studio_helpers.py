@@ -734,7 +734,7 @@ class PickyEngine(FakeEngine):
     def run(self, options, on_event, should_stop, llm=None, finish_segment=lambda: False):
         if "boom" in options.prompt:
             raise ValueError("this one failed")
-        result = super().run(options, on_event, should_stop, llm, finish_segment)
+        super().run(options, on_event, should_stop, llm, finish_segment)
         return SimpleNamespace(seed=options.seed, video_path=f"{options.prompt}.mp4", recipe={"seed": options.seed},
                                warnings=[])
 

@@ -124,6 +124,7 @@ def test_segment_prompts_follow_open_soras_multi_prompt_syntax():
     assert split_segment_markers(" a cat ") == [(None, "a cat")]
     assert split_segment_markers("|0|a cat|3| a dog") == [(0, "a cat"), (3, "a dog")]
     for bad, message in (("|1|a", r"start with \|0\|"), ("|0|a|0|b", "must increase"),
-                         ("|0|a|3|b", r"sets segment 3 .* set 4 or more segments"), ("|0|a|1| ", r"after \|1\| is empty")):
+                         ("|0|a|3|b", r"sets segment 3 .* set 4 or more segments"),
+                         ("|0|a|1| ", r"after \|1\| is empty")):
         with pytest.raises(ValueError, match=message):
             segment_prompts(bad, 3)

@@ -89,7 +89,7 @@ def test_prepare_visual_condition_encodes_with_the_scaled_vae_encode(tiny_vae):
     assert cond[:, 0, 0].min() == 1 and cond[:, 0, 1:].max() == 0
 
 
-# ---- losses -----------------------------------------------------------------------------------------------------------
+# ---- losses ---------------------------------------------------------------------------------------------------
 
 def test_timesteps_lie_in_the_open_interval_and_are_shifted():
     t = sample_timesteps(4096, 64, 9, torch.Generator().manual_seed(1))
@@ -754,7 +754,8 @@ def test_preset_with_a_float16_mmdit_file_loads_as_float32_weights(tmp_path):
     write_preset(tmp_path / "p", mmdit, vae, trained=True, notes="", training={}, mmdit_dtype=torch.float16)
     stored = safetensors.torch.load_file(tmp_path / "p" / "mmdit.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.float16}
-    assert {t.dtype for t in safetensors.torch.load_file(tmp_path / "p" / "vae.safetensors").values()} == {torch.float32}
+    vae_file = safetensors.torch.load_file(tmp_path / "p" / "vae.safetensors")
+    assert {t.dtype for t in vae_file.values()} == {torch.float32}
     loaded = load_components(load_embedded_preset(tmp_path / "p"), torch.device("cpu")).mmdit
     for key, value in loaded.state_dict().items():
         assert value.dtype == torch.float32
@@ -789,7 +790,8 @@ def test_vae_stage_adds_the_edge_loss_when_asked(monkeypatch):
     plain, edged = (VAEStage(load_train_config("tiny-vae", extra)) for extra in ([], ["edge_weight=2"]))
     model = plain.build_model()
     losses = [stage.loss(model, 2, torch.Generator().manual_seed(3), 0) for stage in (plain, edged)]
-    assert float((losses[1] - losses[0]).detach()) == pytest.approx(2 * 0.25)  # same clips and model: only edge_weight * edge
+    # same clips and model: only edge_weight * edge
+    assert float((losses[1] - losses[0]).detach()) == pytest.approx(2 * 0.25)
 
 
 def test_dit_stage_adds_an_edge_loss_on_the_unpacked_velocity(tmp_path, monkeypatch):
@@ -862,7 +864,8 @@ def test_folded_output_layer_predicts_the_mean_of_the_positions_it_folds():
     coarse = _mmdit(4, 1)
     fine = repatch_mmdit_state(coarse.state_dict(), 4, 2)
     h = torch.randn(1, 1, 32)
-    out4 = unpack(h @ coarse.state_dict()["final_layer.linear.weight"].T + coarse.state_dict()["final_layer.linear.bias"],
+    weights = coarse.state_dict()
+    out4 = unpack(h @ weights["final_layer.linear.weight"].T + weights["final_layer.linear.bias"],
                   1, 4, 4, 4)  # one 4x4 patch -> (1, C, 1, 4, 4)
     out2 = h @ fine["final_layer.linear.weight"].T + fine["final_layer.linear.bias"]  # (1, 1, C * 4)
     expected = out4.reshape(1, 4, 1, 2, 2, 2, 2).mean(dim=(3, 5))  # average the 2x2 sub-patches' same offsets
@@ -888,7 +891,8 @@ def test_dit_stage_warm_starts_across_patch_sizes_and_refuses_finer_to_coarser(t
 def _mmdit_inputs(model, seed: int = 0):
     cfg, g = model.config, torch.Generator().manual_seed(seed)
     L, T = 8, 5
-    return dict(img=torch.randn(2, L, cfg.in_channels, generator=g), img_ids=torch.randint(0, 4, (2, L, 3), generator=g).float(),
+    return dict(img=torch.randn(2, L, cfg.in_channels, generator=g),
+                img_ids=torch.randint(0, 4, (2, L, 3), generator=g).float(),
                 txt=torch.randn(2, T, cfg.context_in_dim, generator=g), txt_ids=torch.zeros(2, T, 3),
                 timesteps=torch.rand(2, generator=g), y_vec=torch.randn(2, cfg.vec_in_dim, generator=g),
                 cond=torch.randn(2, L, cfg.in_channels + cfg.patch_size ** 2, generator=g))

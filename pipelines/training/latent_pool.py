@@ -168,9 +168,10 @@ class LatentPool:
                     generator: torch.Generator) -> PoolBatch:
         """Give a `share` of the batch's text-to-video samples their clip's shape twin's caption and latents as
         the target, keeping the clip itself for the noisy input (`indices`: each sample's place in the short set,
-        -1 for other sets; `prompted`: whether its caption is in the prompt's suffix format, not training's). In ordinary training the noisy latent shows the shape as soon as it shows the object,
-        so the model can learn to read the shape there instead of from the caption; a swapped sample can only be
-        right by following the caption. The trainer draws high noise for these (`shape_swap_min_t`)."""
+        -1 for other sets; `prompted`: whether its caption is in the prompt's suffix format, not training's). In
+        ordinary training the noisy latent shows the shape as soon as it shows the object, so the model can learn to
+        read the shape there instead of from the caption; a swapped sample can only be right by following the
+        caption. The trainer draws high noise for these (`shape_swap_min_t`)."""
         if self.twins is None:
             raise ValueError("shape swaps need a pool of shape twins (data.twin_pool_size > 0)")
         frames = batch.x0.shape[2]
@@ -258,8 +259,9 @@ def build_latent_pool(vae, data, condition_config: dict, object_margin: int = 0,
     With `cache_dir`, each set is looked up there first by a key of its parameters (the VAE encoder's
     fingerprint, the set's size, length, seed and loop share, the frame size, the object margin, the v2v reference
     lengths and CACHE_VERSION, which stands for the code that draws and encodes clips) and written there after
-    encoding, so later runs on the same encoder skip the encoding (~2 min per 1,000 clips on 2 cores). Nothing is ever pruned:
-    sets for other VAEs stay until removed by hand (~1 GB per 8,192 clips of 33 frames with their references)."""
+    encoding, so later runs on the same encoder skip the encoding (~2 min per 1,000 clips on 2 cores). Nothing is
+    ever pruned: sets for other VAEs stay until removed by hand (~1 GB per 8,192 clips of 33 frames with their
+    references)."""
     fingerprint = vae_fingerprint(vae) if cache_dir else None
 
     def encode(length: int, num_frames: int, loop_fraction: float, seed: int, twin: bool = False) -> ClipSet:

@@ -155,8 +155,8 @@ class TrainConfig:
                 "a smaller patch, fewer latent channels or a wider model")
         if self.denoise_with and (self.stage != "vae" or not self.freeze_encoder):
             raise ValueError("denoise_with fine-tunes the decoder alone: use stage=vae with freeze_encoder=true")
-        if self.denoise_with and (len(self.denoise_t) != 2 or not 0.0 < self.denoise_t[0] <= self.denoise_t[1] < 1):
-            raise ValueError(f"denoise_t must be [lo, hi] with 0 < lo <= hi < 1, got {self.denoise_t}")
+        if self.denoise_with and len(self.denoise_t) != 2:  # (the range itself: `SampledLatents`)
+            raise ValueError(f"denoise_t must be [lo, hi], got {self.denoise_t}")
         if self.object_margin and not self.object_weight:
             raise ValueError("object_margin widens the object_weight region: set object_weight too")
 
