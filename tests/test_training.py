@@ -513,10 +513,13 @@ def test_decoder_finetune_leaves_the_encoder_untouched(tmp_path):
     safetensors.torch.save_file(start.state_dict(), tmp_path / "vae.safetensors")
     result = main(["--config", "tiny-vae", f"outputs={tmp_path / 'run'}", "threads=1", "steps=2",
                    "freeze_encoder=true", f"vae_weights={tmp_path / 'vae.safetensors'}"])
-    before, after = start.state_dict(), result.model.state_dict()
-    for name in before:
-        same = torch.equal(before[name], after[name])
-        assert same == (name.startswith("encoder.") or name.startswith("quant_conv.")), name
+    assert_only_the_decoder_moved(start, result.model)
+
+
+def assert_only_the_decoder_moved(before: CausalVAE, after: CausalVAE) -> None:
+    after_state = after.state_dict()
+    for name, tensor in before.state_dict().items():
+        assert torch.equal(tensor, after_state[name]) == name.startswith(("encoder.", "quant_conv.")), name
 
 
 def _write_tiny_preset(folder: Path, zero_output: bool) -> Path:
@@ -577,9 +580,7 @@ def test_decoder_learns_from_resampled_latents_with_denoise_with(tmp_path, monke
     assert float(twice) == pytest.approx(2 * float(once), rel=1e-2)
     result = train.main(["--config", "tiny-vae", f"outputs={tmp_path / 'run'}", "steps=2", *base,
                          f"denoise_with={preset}"])
-    for name, tensor in start.state_dict().items():
-        same = torch.equal(tensor, result.model.state_dict()[name])
-        assert same == name.startswith(("encoder.", "quant_conv.")), name
+    assert_only_the_decoder_moved(start, result.model)
 
 
 def test_dit_stage_warm_starts_from_mmdit_weights(tmp_path):

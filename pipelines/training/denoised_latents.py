@@ -1,11 +1,11 @@
 """Latents as the MMDiT leaves them, for teaching the VAE decoder to draw what the sampler makes.
 
-A decoder trained only on the encoder's latents meets something else at generation time: the MMDiT's samples
-carry small errors the encoder never produces, and the decoder turns them into tinted halos and speckle around the
-object (on the Shapes world they fill the object's box, and the judge reads a triangle as a disc). `SampledLatents`
-noises a real clip's latents to t0 ~ U[lo, hi] and runs the sampler's own guided Euler steps (the steps of the
-shifted `num_steps` schedule below t0) back to t = 0, so the decoder can be fine-tuned to decode those latents to
-the real frames (`VAEStage` with `denoise_with`).
+A decoder trained only on the encoder's latents meets something else at generation time: the MMDiT's samples carry
+errors the encoder never produces. `SampledLatents` noises a real clip's latents to t0 ~ U[lo, hi] and runs the
+sampler's own guided Euler steps (the steps of the shifted `num_steps` schedule below t0) back to t = 0, so the
+decoder can be fine-tuned to decode those latents to the real frames (`VAEStage` with `denoise_with`). On the Shapes
+default this kept every mode but did not remove the halos around generated objects: they are in the sampled latents
+themselves (README, "A decoder for the sampled latents").
 """
 
 from __future__ import annotations
