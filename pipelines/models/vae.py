@@ -199,9 +199,12 @@ class CausalVAE(nn.Module):
         Deterministic (posterior mean) by default: references should not add randomness the seed does not control.
         """
         posterior = DiagonalGaussian.from_moments(self.encode_moments(x))
-        z = posterior.sample(generator) if sample_posterior else posterior.mean
-        z = self.config.scale_factor * (z - self.config.shift_factor)
+        z = self.scale_latent(posterior.sample(generator) if sample_posterior else posterior.mean)
         return (z, posterior) if return_posterior else z
+
+    def scale_latent(self, z: Tensor) -> Tensor:
+        """Raw posterior latent -> the scaled latent the MMDiT sees (what `encode` returns)."""
+        return self.config.scale_factor * (z - self.config.shift_factor)
 
     # ---- decode ------------------------------------------------------------------------------------------------
     def decode(self, z: Tensor) -> Tensor:

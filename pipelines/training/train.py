@@ -156,8 +156,8 @@ class VAEStage:
         loss = self.reconstruction_loss(recon, x, weight)
         if self.sampled is not None:  # the decoder also learns to draw the clip from the sampler's latents
             vae = getattr(model, "module", model)
-            z = vae.config.scale_factor * (posterior.mean - vae.config.shift_factor)
-            resampled = self.sampled(z.detach(), [item["caption"] for item in items], generator)
+            z = vae.scale_latent(posterior.mean).detach()  # what `encode` gives, without encoding twice
+            resampled = self.sampled(z, [item["caption"] for item in items], generator)
             loss = loss + self.reconstruction_loss(vae.decode(resampled), x, weight)
         return loss + self.cfg.kl_weight * kl
 
