@@ -464,6 +464,44 @@ def test_checkpoints_can_be_written_in_the_background(tmp_path):
     assert is_complete_checkpoint(result.checkpoint) and result.checkpoint.name.endswith("global_step2")
 
 
+def test_tensorboard_events_hold_each_logged_loss_lr_and_pace(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipelines.training.train import main
+
+    result = main(["--config", "tiny-vae", f"outputs={tmp_path}", "threads=1", "steps=3", "tensorboard=true",
+                   "optim.warmup_steps=2", "optim.cosine=false"])
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "train/seconds_per_step"}
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3]  # tiny-vae logs every step
+    assert losses[-1].value == pytest.approx(result.final_loss, rel=1e-6)
+    lr = load_train_config("tiny-vae").optim.lr
+    rates = [e.value for e in events.Scalars("train/lr")]
+    assert 0 < rates[0] < rates[1] == pytest.approx(lr, rel=1e-6) == rates[2]  # warmed up over 2 steps, then flat
+    assert all(e.value > 0 for e in events.Scalars("train/seconds_per_step"))
+
+
+def test_tensorboard_without_the_package_fails_before_training_with_the_fix(tmp_path, monkeypatch):
+    import builtins
+
+    from pipelines.training.reporting import ScalarLog
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(RuntimeError, match="pip install tensorboard"):
+        ScalarLog(tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()
+    ScalarLog(None).write(1, loss=1.0)  # off: nothing to write, nothing needed
+
+
 def test_an_engine_that_saves_its_own_state_writes_it_into_the_checkpoint(tmp_path):
     """ColossalAI's booster writes its sharded model and optimizer itself (`write_extra` / `read_extra`)."""
     from types import SimpleNamespace

@@ -1,13 +1,15 @@
-"""Human-readable training reports: parameter counts, memory, durations, dtype names."""
+"""Training reports: parameter counts, memory, durations, dtype names, and optional TensorBoard scalars."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
 __all__ = [
+    "ScalarLog",
     "format_duration",
     "format_numel_str",
     "get_model_numel",
@@ -91,3 +93,34 @@ def log_cuda_max_memory(stage: str | None = None) -> None:
     logger.info(
         "CUDA peak memory%s: %.1f GB allocated, %.1f GB reserved", where, allocated / GIGABYTE, reserved / GIGABYTE
     )
+
+
+class ScalarLog:
+    """Training scalars (loss, learning rate, pace) as TensorBoard events under `folder`; does nothing without one.
+
+    `tensorboard --logdir OUTPUTS/tensorboard` shows them. The package is optional (tests/requirements.txt has it):
+    asking for the log without it fails at once, before a long pool build, with how to install it.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder, self._writer = folder, None
+        if folder is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch raises it when the tensorboard package is missing
+            raise RuntimeError("tensorboard=true writes TensorBoard events and needs the tensorboard package: "
+                               "pip install tensorboard (or set tensorboard=false)") from None
+        self._writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, step: int, **scalars: float) -> None:
+        if self._writer is None:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(f"train/{name}", value, global_step=step)
+        self._writer.flush()  # a crashed or killed run keeps what it logged
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

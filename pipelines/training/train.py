@@ -36,7 +36,7 @@ from pipelines.training.latent_pool import TextCache, build_latent_pool
 from pipelines.training.losses import (dropout_condition, edge_loss, flow_interpolate, flow_noise_for, flow_target,
                                        get_batch_loss, sample_timesteps)
 from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, create_lr_scheduler
-from pipelines.training.reporting import format_duration, log_cuda_memory, log_model_params
+from pipelines.training.reporting import ScalarLog, format_duration, log_cuda_memory, log_model_params
 from pipelines.training.shapes import ShapesDataset, object_pixels
 from pipelines.training.train_config import TrainConfig, config_to_dict, load_train_config
 from pipelines.training.warm_start import load_warm_start, narrow_vae_state
@@ -348,6 +348,7 @@ def train(cfg: TrainConfig, load: str | None = None) -> TrainResult:
     torch.set_num_threads(cfg.threads)
     state = setup_distributed()
     backend = cfg.backend if cfg.backend != "auto" else ("ddp" if state.world_size > 1 else "none")
+    scalars = ScalarLog(Path(cfg.outputs) / "tensorboard" if cfg.tensorboard and state.is_main else None)
     torch.manual_seed(cfg.seed)  # the stage's own set-up (e.g. an untrained test VAE) is seeded too
     stage = VAEStage(cfg) if cfg.stage == "vae" else DiTStage(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -371,7 +372,10 @@ def train(cfg: TrainConfig, load: str | None = None) -> TrainResult:
                                read_extra=engine.load_model_and_optimizer if booster else None)
         step, spent_s = running.global_step, float((running.sampler_state or {}).get("budget_spent_s", 0.0))
         logger.info("resumed from %s at step %d", load, step)
-    result = _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state, spent_s)
+    try:
+        result = _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state, scalars, spent_s)
+    finally:
+        scalars.close()
     cleanup()
     return result
 
@@ -391,7 +395,8 @@ def _booster_io(engine) -> bool:
     return hasattr(engine, "save_model_and_optimizer")
 
 
-def _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state, spent_s=0.0) -> TrainResult:
+def _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state, scalars: ScalarLog,
+              spent_s=0.0) -> TrainResult:
     from tqdm import tqdm
 
     budget, accum = StepBudget(cfg, step, spent_s), cfg.optim.accumulation_steps
@@ -418,9 +423,10 @@ def _run_loop(cfg, stage, engine, ema, scheduler, ckpt_io, ckpt_dir, step, state
             mean_loss = float(all_reduce_mean(torch.tensor(loss_sum / max(loss_count, 1))))
             now = time.time()
             if state.is_main:
-                logger.info("step %d/%d loss %.5f lr %.2e %.2f s/step elapsed %s", step, end, mean_loss,
-                            scheduler.get_last_lr()[0], (now - last_log) / max(step - last_step, 1),
+                lr, pace = scheduler.get_last_lr()[0], (now - last_log) / max(step - last_step, 1)
+                logger.info("step %d/%d loss %.5f lr %.2e %.2f s/step elapsed %s", step, end, mean_loss, lr, pace,
                             format_duration(now - started))
+                scalars.write(step, loss=mean_loss, lr=lr, seconds_per_step=pace)
             final_loss, loss_sum, loss_count, last_log, last_step = mean_loss, 0.0, 0, now, step
         if step % cfg.ckpt_every == 0:
             saved = _save(cfg, engine, ema, scheduler, ckpt_io, ckpt_dir, step, budget)

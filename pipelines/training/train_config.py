@@ -107,6 +107,7 @@ class TrainConfig:
     steps: int = 100
     time_budget_min: float = 0.0  # > 0: fit the step count (and cosine length) to this wall time
     log_every: int = 10
+    tensorboard: bool = False  # also write the logged loss/lr/pace as TensorBoard events to OUTPUTS/tensorboard
     ckpt_every: int = 100
     keep_n_latest: int = 2
     ckpt_background: bool = False  # write checkpoints in a thread while training goes on (CheckpointIO background)
