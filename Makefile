@@ -12,6 +12,7 @@ studio: install
 	$(PY) app.py $(ARGS)
 
 test: install-test chromium
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed

@@ -11,3 +11,5 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENSORA_LLM_BASE_URL", "OPENSORA_LLM_MODEL"):
     os.environ.pop(name, None)
+
+pytest_plugins = ["tests.fake_llm"]  # the `fake_llm` fixture, for every test module

@@ -1,7 +1,7 @@
 """A local stand-in for an OpenAI-compatible chat server, so LLM features are tested without a network.
 
-Use it as a context manager or through the ``fake_llm`` fixture (import the fixture into a test module, or list
-``"tests.fake_llm"`` in a conftest's ``pytest_plugins``)::
+Use it as a context manager or through the ``fake_llm`` fixture (the tests' conftest lists this module in
+``pytest_plugins``, so every test module can ask for it)::
 
     with FakeLLMServer(answer="a red circle moving right") as server:
         config = LLMConfig(base_url=server.base_url, api_key="sk-test", timeout_s=0.5)

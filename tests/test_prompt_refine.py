@@ -17,7 +17,7 @@ from pipelines.prompt_refine import (
     refine_kind,
     refine_prompt,
 )
-from tests.fake_llm import DEFAULT_ANSWER, FakeLLMServer, fake_llm  # noqa: F401 - fixture
+from tests.fake_llm import DEFAULT_ANSWER, FakeLLMServer
 
 SECRET = "sk-test-SECRET-0123456789"
 PROMPT = "red circle moving right on black"
