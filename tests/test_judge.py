@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipelines.training.judge import (
-    background_color, centroid_track, first_turn, judge_clip, motion_direction, object_color, object_mask,
-    object_shape, object_speed, psnr, speed_score_correlation,
+    background_color, centroid_track, continuation_directions, first_turn, judge_clip, legs, motion_direction,
+    object_color, object_mask, object_shape, object_speed, psnr, speed_score_correlation,
 )
 from pipelines.training.shapes import BACKGROUNDS, ShapeSpec, render_clip, sample_spec
 
@@ -69,6 +69,35 @@ def test_first_turn_ignores_jitter_below_tolerance():
     track = np.array([0, 1, 2, 3, 2.6, 4, 5, 6, 5, 4, 3], dtype=float)
     assert first_turn(track, tolerance=1.0) == 7
     assert first_turn(np.zeros(5), tolerance=1.0) == 4
+
+
+def _square_at(xs, ys, size: int = 14) -> np.ndarray:
+    """A white square on black whose top-left corner follows (xs, ys), one frame per position."""
+    clip = np.full((len(xs), 64, 64, 3), 10, np.uint8)
+    for frame, x, y in zip(clip, xs, ys):
+        frame[int(y):int(y) + size, int(x):int(x) + size] = 245
+    return clip
+
+
+def test_legs_cut_a_track_at_each_bounce():
+    track = np.array([5, 4, 3, 4, 5, 6, 7, 8, 7, 6], dtype=float)
+    assert legs(track) == [(0, 2), (2, 7), (7, 9)]
+    assert legs(np.arange(6, dtype=float)) == [(0, 5)]
+
+
+def test_continuation_is_judged_over_the_worlds_longest_leg():
+    # The world goes up for 4 frames after the cut, bounces off the top and goes down for 28; a continuation that
+    # bounces a little early and jitters 2 px sideways carries on the same way, though the first legs disagree.
+    ys = np.concatenate([np.arange(4, 0, -1), np.arange(0, 29)]).astype(float)
+    world = _square_at(np.full(len(ys), 20.0), ys)
+    jitter = np.where(np.arange(len(ys)) % 8 < 4, 22.0, 20.0)
+    early = _square_at(jitter, np.concatenate([[4.0, 3.0], np.linspace(3.0, 29.0, len(ys) - 2)]))
+    assert continuation_directions(early, world) == ("down", "down")
+    assert motion_direction(early) != motion_direction(world) == "up"
+    going_on_up = _square_at(np.full(len(ys), 20.0), np.linspace(30.0, 0.0, len(ys)))
+    assert continuation_directions(going_on_up, world) == ("up", "down")
+    lost = np.full_like(world, 10)
+    assert continuation_directions(lost, world) == ("still", "down")
 
 
 def test_background_is_the_most_common_border_colour():

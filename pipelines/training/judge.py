@@ -18,6 +18,9 @@ by more than TURN_TOLERANCE_PX from its running extreme) so that centroid jitter
 axis gets its own first leg; the axis with the larger fitted speed is the motion axis, and below
 STILL_THRESHOLD_PX per frame the object is still. Speed is that first-leg fitted speed, in px/frame.
 
+Extension continues a clip, and the world may bounce just after the cut: there the continuation is judged over the
+world's longest leg after the cut (`continuation_directions`), not its first.
+
 The *literal* readings follow the rules word for word, beside the main ones: colour = the nearest of all palette
 colours (the main reading leaves out the background's own, which the world never gives an object), shape = the
 nearest fill ratio alone (no skewness), direction = the velocity fitted over the whole clip (not its first leg).
@@ -321,6 +324,33 @@ def direction_from_velocity(velocity: np.ndarray, still_threshold_px_per_frame: 
 def motion_direction(clip: np.ndarray, still_threshold_px_per_frame: float = STILL_THRESHOLD_PX) -> str:
     """Initial motion direction of the object (see the module docstring for bounces)."""
     return direction_from_velocity(fitted_velocity(clip), still_threshold_px_per_frame)
+
+
+def legs(values: np.ndarray, tolerance: float = TURN_TOLERANCE_PX) -> list[tuple[int, int]]:
+    """A 1-D track cut at its turning points (the same hysteresis as `first_turn`): [(start, end), ...] inclusive
+    frame indices, consecutive legs sharing their turning frame."""
+    cuts, start = [], 0
+    while start < len(values) - 1:
+        end = start + first_turn(values[start:], tolerance)
+        end = end if end > start else len(values) - 1
+        cuts.append((start, end))
+        start = end
+    return cuts or [(0, len(values) - 1)]
+
+
+def continuation_directions(made: np.ndarray, world: np.ndarray) -> tuple[str, str]:
+    """(made, world) directions over the world's longest leg: does a continuation move the way the scene does?
+
+    Both clips start at the cut. The world's track is cut at its bounces and the longest leg is the one judged: there
+    the world's direction is its fitted velocity, and the made clip's is the velocity fitted over the same frames
+    (whole-segment, both axes). Judging the *first* leg instead reads a bounce a few frames after the cut as the
+    whole continuation, and two pixels of jitter then outweigh a leg of four frames."""
+    world_track = centroid_track(world)
+    axis = int(np.argmax(np.ptp(world_track, axis=0)))
+    start, end = max(legs(world_track[:, axis]), key=lambda leg: leg[1] - leg[0])
+    frames = slice(start, end + 1)
+    return (direction_from_velocity(fitted_velocity(made[frames], first_leg=False)),
+            direction_from_velocity(fitted_velocity(world[frames], first_leg=False)))
 
 
 def object_speed(clip: np.ndarray) -> float:
