@@ -833,6 +833,44 @@ def test_vae_stage_adds_the_edge_loss_when_asked(monkeypatch):
     assert float((losses[1] - losses[0]).detach()) == pytest.approx(2 * 0.25)
 
 
+def test_color_loss_sees_a_colour_shift_of_the_object_alone():
+    from pipelines.training.losses import color_loss
+
+    x = torch.full((1, 3, 2, 8, 8), -0.06)  # gray
+    x[:, :, 0, 2:6, 2:6] = torch.tensor([0.73, -0.69, -0.69])[:, None, None]  # a red square on frame 0 only
+    on_object = (x - x[..., :1, :1]).abs().amax(dim=1, keepdim=True).gt(0.05).float()
+    assert color_loss(x, x, on_object) == 0
+    orange = x.clone()
+    orange[:, 1, 0, 2:6, 2:6] += 0.6  # green up on the object: red turns orange
+    # the mean over the object's frame and channels (frame 1 has no object and counts nothing)
+    assert float(color_loss(orange, x, on_object)) == pytest.approx(0.6 / 3)
+    background_only = x.clone()
+    background_only[..., :, :2] += 0.5  # a change away from the object is the per-pixel loss's business
+    assert float(color_loss(background_only, x, on_object)) == pytest.approx(0.0)
+    assert float(color_loss(x, x, torch.zeros_like(on_object))) == 0  # no object anywhere: nothing to compare
+    with pytest.raises(ValueError, match="color_weight"):
+        load_train_config("tiny-vae", ["color_weight=-1"])
+
+
+def test_vae_stage_adds_the_color_loss_on_the_object_when_asked(monkeypatch):
+    from pipelines.training import train
+    from pipelines.training.train import VAEStage
+
+    seen = []
+
+    def fake_color_loss(recon, x, on_object):
+        seen.append(on_object)
+        return torch.tensor(0.125)
+
+    monkeypatch.setattr(train, "color_loss", fake_color_loss)
+    torch.manual_seed(0)
+    plain, colored = (VAEStage(load_train_config("tiny-vae", extra)) for extra in ([], ["color_weight=4"]))
+    model = plain.build_model()
+    losses = [stage.loss(model, 2, torch.Generator().manual_seed(3), 0) for stage in (plain, colored)]
+    assert float((losses[1] - losses[0]).detach()) == pytest.approx(4 * 0.125)
+    assert len(seen) == 1 and 0 < float(seen[0].mean()) < 0.5  # the object's pixels: some, not most
+
+
 def test_dit_stage_adds_an_edge_loss_on_the_unpacked_velocity(tmp_path, monkeypatch):
     from pipelines.sampling import pack, unpack
     from pipelines.training import train

@@ -133,3 +133,20 @@ def edge_loss(recon: Tensor, target: Tensor, weights: Tensor | None = None) -> T
         total = total + (grad * w).mean()
         norm = norm + w.mean()
     return total / norm.clamp(min=1e-12)
+
+
+def color_loss(recon: Tensor, target: Tensor, on_object: Tensor) -> Tensor:
+    """Mean L1 between the object's mean colour in `recon` and in `target`, frame by frame (recon, target
+    (B, C, T, H, W); on_object (B, 1, T, H, W) in [0, 1]); frames without an object count nothing.
+
+    A per-pixel loss spreads a colour shift of the whole object over its few pixels beside the larger errors at its
+    outline, so a decoder can keep the outline and still paint a red square orange on gray; the object's mean
+    colour isolates exactly that shift."""
+    mass = on_object.float().sum(dim=(-2, -1))  # (B, 1, T)
+    present = (mass > 0).float()
+
+    def mean_of(video: Tensor) -> Tensor:  # (B, C, T)
+        return (video.float() * on_object).sum(dim=(-2, -1)) / mass.clamp(min=1.0)
+
+    err = (mean_of(recon) - mean_of(target)).abs() * present
+    return err.sum() / (present.sum() * recon.shape[1]).clamp(min=1.0)

@@ -33,8 +33,8 @@ from pipelines.training.distributed import (DistributedConfig, all_reduce_mean, 
                                             is_main_process, setup_distributed)
 from pipelines.training.ema import create_ema, place_ema, update_ema
 from pipelines.training.latent_pool import TextCache, build_latent_pool
-from pipelines.training.losses import (dropout_condition, edge_loss, flow_interpolate, flow_noise_for, flow_target,
-                                       get_batch_loss, sample_timesteps)
+from pipelines.training.losses import (color_loss, dropout_condition, edge_loss, flow_interpolate, flow_noise_for,
+                                       flow_target, get_batch_loss, sample_timesteps)
 from pipelines.training.lr_schedulers import CosineAnnealingWarmupLR, create_lr_scheduler
 from pipelines.training.reporting import ScalarLog, format_duration, log_cuda_memory, log_model_params
 from pipelines.training.shapes import ShapesDataset, object_pixels
@@ -97,10 +97,10 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 # ---- stages --------------------------------------------------------------------------------------------------------
 
 class VAEStage:
-    """L1 + mse_weight * MSE + edge_weight * edge loss (object pixels weighted by 1 + object_weight) + kl_weight *
-    (mean KL per latent element) on freshly rendered clips. With `denoise_with` (decoder alone) the same
-    reconstruction loss is added for the decode of the clip's latents as the preset's sampler re-makes them from
-    noise level t0 (`denoised_latents.SampledLatents`)."""
+    """L1 + mse_weight * MSE + edge_weight * edge loss (object pixels weighted by 1 + object_weight) + color_weight *
+    the object's mean-colour error + kl_weight * (mean KL per latent element) on freshly rendered clips. With
+    `denoise_with` (decoder alone) the same reconstruction loss is added for the decode of the clip's latents as the
+    preset's sampler re-makes them from noise level t0 (`denoised_latents.SampledLatents`)."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -152,21 +152,27 @@ class VAEStage:
         x = torch.stack([self.crop(item, generator) for item in items]).to(model_device(model))  # (B, 3, T, H, W)
         recon, posterior = model(x, sample_posterior=self.cfg.sample_posterior, generator=generator)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        weight = self.pixel_weights(x, [item["background"] for item in items])  # (B, 1, T, H, W)
-        loss = self.reconstruction_loss(recon, x, weight)
+        backgrounds = [item["background"] for item in items]
+        weight = self.pixel_weights(x, backgrounds)  # (B, 1, T, H, W)
+        on_object = object_pixels(x, backgrounds) if self.cfg.color_weight else None
+        loss = self.reconstruction_loss(recon, x, weight, on_object)
         if self.sampled is not None:  # the decoder also learns to draw the clip from the sampler's latents
             vae = getattr(model, "module", model)
             z = vae.scale_latent(posterior.mean).detach()  # what `encode` gives, without encoding twice
             resampled = self.sampled(z, [item["caption"] for item in items], generator)
-            loss = loss + self.reconstruction_loss(vae.decode(resampled), x, weight)
+            loss = loss + self.reconstruction_loss(vae.decode(resampled), x, weight, on_object)
         return loss + self.cfg.kl_weight * kl
 
-    def reconstruction_loss(self, recon: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Weighted L1 + `mse_weight` MSE, plus `edge_weight` times the edge loss."""
+    def reconstruction_loss(self, recon: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            on_object: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted L1 + `mse_weight` MSE, plus `edge_weight` times the edge loss and `color_weight` times the
+        object's mean-colour error (`on_object`: its pixels, needed with color_weight)."""
         err = (recon - x).abs() + self.cfg.mse_weight * (recon - x).pow(2)
         loss = (err * weight).mean() / weight.mean()
         if self.cfg.edge_weight:
             loss = loss + self.cfg.edge_weight * edge_loss(recon, x, weight)
+        if self.cfg.color_weight:
+            loss = loss + self.cfg.color_weight * color_loss(recon, x, on_object)
         return loss
 
     def pixel_weights(self, x: torch.Tensor, backgrounds: list[str]) -> torch.Tensor:

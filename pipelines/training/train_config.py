@@ -97,6 +97,7 @@ class TrainConfig:
     object_margin: int = 0  # the extra weight also covers background pixels this close to the object
     edge_weight: float = 0.0  # weight of an L1 loss on the error's spatial gradients, keeping outlines sharp: on
     # decoded pixels (vae), on the predicted velocity's latents (dit; object latents weighted as in the MSE)
+    color_weight: float = 0.0  # vae: weight of an L1 loss on the object's mean colour per frame (`color_loss`)
     sample_posterior: bool = False  # vae: decode a posterior sample (True) or its mean (faster to learn)
     freeze_encoder: bool = False  # vae: fine-tune only the decoder (latents, and so a trained DiT, stay valid)
     denoise_with: str = ""  # vae (with freeze_encoder): a preset folder whose MMDiT re-samples each clip's latents
@@ -139,8 +140,9 @@ class TrainConfig:
             raise ValueError(f"shape_swap_min_t must lie in (0, 1), got {self.shape_swap_min_t}")
         if self.shape_swap and (self.data.twin_pool_size < 1 or self.stage != "dit"):
             raise ValueError("shape_swap trains the dit stage on shape twins: set data.twin_pool_size > 0")
-        if self.edge_weight < 0:
-            raise ValueError(f"edge_weight must not be negative, got {self.edge_weight}")
+        if self.edge_weight < 0 or self.color_weight < 0:
+            raise ValueError(f"edge_weight and color_weight must not be negative, got {self.edge_weight} and "
+                             f"{self.color_weight}")
         if self.object_weight < 0 or self.object_margin < 0:
             raise ValueError("object_weight and object_margin must not be negative, "
                              f"got {self.object_weight} and {self.object_margin}")
