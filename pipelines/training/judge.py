@@ -331,8 +331,7 @@ def legs(values: np.ndarray, tolerance: float = TURN_TOLERANCE_PX) -> list[tuple
     frame indices, consecutive legs sharing their turning frame."""
     cuts, start = [], 0
     while start < len(values) - 1:
-        end = start + first_turn(values[start:], tolerance)
-        end = end if end > start else len(values) - 1
+        end = start + first_turn(values[start:], tolerance)  # (first_turn returns >= 1 on two or more values)
         cuts.append((start, end))
         start = end
     return cuts or [(0, len(values) - 1)]
@@ -345,12 +344,13 @@ def continuation_directions(made: np.ndarray, world: np.ndarray) -> tuple[str, s
     the world's direction is its fitted velocity, and the made clip's is the velocity fitted over the same frames
     (whole-segment, both axes). Judging the *first* leg instead reads a bounce a few frames after the cut as the
     whole continuation, and two pixels of jitter then outweigh a leg of four frames."""
-    world_track = centroid_track(world)
+    world_coverage = _clip_coverage(world, None)  # (T, H, W), once for the track and the fit
+    world_track = centroid_track(world, world_coverage)
     axis = int(np.argmax(np.ptp(world_track, axis=0)))
     start, end = max(legs(world_track[:, axis]), key=lambda leg: leg[1] - leg[0])
     frames = slice(start, end + 1)
     return (direction_from_velocity(fitted_velocity(made[frames], first_leg=False)),
-            direction_from_velocity(fitted_velocity(world[frames], first_leg=False)))
+            direction_from_velocity(fitted_velocity(world[frames], world_coverage[frames], first_leg=False)))
 
 
 def object_speed(clip: np.ndarray) -> float:
